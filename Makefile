@@ -1,0 +1,38 @@
+# Every target makes and uses .venv itself: on a fresh clone `make demo` and `make test` are enough.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+# glibc malloc returns freed pages to the OS on every step and then page-faults them back;
+# pinning them cut CPU training time 3-4x here (see DEVELOPERS.md / BENCHMARKS.md).
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
+export PYTHONUNBUFFERED := 1
+export BENTOML_DO_NOT_TRACK := True
+
+.PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with every extra (collect, train, serve, loadtest, dev)
+
+test: $(STAMP)  ## run the test suite (real servers on 127.0.0.1, real models, real photos)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)  ## the whole pipeline end to end, offline, on the bundled demo catalog
+	$(PY) -m demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check collector trainer service loadtests tests
+
+clean:
+	rm -rf runs reports demo_out bench_out .pytest_cache

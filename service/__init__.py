@@ -1,0 +1,1 @@
+"""Serving: ONNX Runtime behind a BentoML `/classify` API. Never imports torch."""
