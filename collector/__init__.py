@@ -1,0 +1,1 @@
+"""Collector: shop listing pages -> clean, deduplicated, labelled image set -> split ImageFolder."""
