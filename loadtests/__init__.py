@@ -1,0 +1,1 @@
+"""Load tests (Locust scenarios) and the serving benchmark for the product classifier service."""

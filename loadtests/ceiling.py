@@ -1,0 +1,104 @@
+"""The in-process ceiling (ONNX Runtime on ready tensors) and the decode cost, measured apart.
+
+The ceiling is what the model itself can do on the server's cores with no HTTP, no multipart,
+no JPEG decode: a service cannot beat it, and `service / ceiling` says how much serving costs.
+Decode + preprocess is timed on the same photos the load test posts, per size class, because
+the service pays it per request and the ceiling does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from loadtests.payloads import Payload
+from service.contract import ONNX_INPUT, ModelContract, load_and_preprocess
+
+
+@dataclass
+class CeilingPoint:
+    batch_size: int
+    images_per_s: float     # median over repeats
+    ms_per_batch: float
+
+
+@contextlib.contextmanager
+def cpu_affinity(cpus: str | None):
+    """Run the block on the given CPUs ("1", "0-1"); threads created inside inherit them."""
+    if not cpus:
+        yield
+        return
+    wanted: set[int] = set()
+    for part in cpus.split(","):
+        low, _, high = part.partition("-")
+        wanted.update(range(int(low), int(high or low) + 1))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, wanted)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def preprocessed(payloads: list[Payload], contract: ModelContract) -> np.ndarray:
+    return np.stack([load_and_preprocess(p.data, contract) for p in payloads])
+
+
+def ort_ceiling(onnx_path: Path, tensors: np.ndarray, *, threads: int, cpus: str | None,
+                batch_sizes: tuple[int, ...] = (1, 8, 16, 32), seconds: float = 2.0,
+                repeats: int = 3) -> list[CeilingPoint]:
+    """Images/s of session.run on preprocessed tensors at each batch size (median of repeats)."""
+    points = []
+    with cpu_affinity(cpus):
+        session = make_session(onnx_path, threads)
+        for batch_size in batch_sizes:
+            reps = -(-batch_size // len(tensors))
+            batch = np.ascontiguousarray(np.concatenate([tensors] * reps)[:batch_size])
+            session.run(None, {ONNX_INPUT: batch})  # warm-up: allocations, kernel choice
+            rates, latencies = [], []
+            for _ in range(repeats):
+                runs, started = 0, time.perf_counter()
+                while True:
+                    session.run(None, {ONNX_INPUT: batch})
+                    runs += 1
+                    elapsed = time.perf_counter() - started
+                    if elapsed >= seconds / repeats or runs >= 2000:
+                        break
+                rates.append(runs * batch_size / elapsed)
+                latencies.append(1000 * elapsed / runs)
+            points.append(CeilingPoint(batch_size, statistics.median(rates),
+                                       statistics.median(latencies)))
+    return points
+
+
+def decode_cost_ms(payloads: list[Payload], contract: ModelContract, *, cpus: str | None,
+                   repeats: int = 3) -> dict[str, float]:
+    """Median ms per image of bytes -> model input (`load_and_preprocess`), per size class."""
+    by_class: dict[str, list[float]] = {}
+    with cpu_affinity(cpus):
+        for _ in range(repeats):
+            for payload in payloads:
+                started = time.perf_counter()
+                load_and_preprocess(payload.data, contract)
+                by_class.setdefault(payload.size_class, []).append(
+                    1000 * (time.perf_counter() - started))
+    costs = {size: statistics.median(times) for size, times in by_class.items()}
+    # The load test posts every size class equally often: its cost is the mean of the classes.
+    costs["mix"] = statistics.fmean(costs.values())
+    return costs
