@@ -4,6 +4,9 @@ Everything the collector knows lives here, so a crawl killed at any point (Ctrl-
 resumes from this file alone: pending rows are retried, finished rows are never redone, and
 UNIQUE keys make re-discovery a no-op instead of a duplicate row.
 
+Location: `<output_dir>/manifest.sqlite` (MANIFEST_FILE); image files live beside it under
+`<output_dir>/images/` and `images.path` is relative to `<output_dir>`.
+
 Schema (only ever ADD columns or tables; the review page reads and writes this file)
 ------
 images: one row per (label, image url) discovered.
@@ -55,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.sqlite"
 
 IMAGE_STATUSES = ("pending", "failed", "blocked", "rejected", "downloaded", "ok", "duplicate",
                   "conflict")
@@ -135,6 +139,11 @@ CREATE INDEX IF NOT EXISTS images_product ON images (label, shop, product_id);
 """
 
 
+def open_manifest(output_dir: str | Path) -> "Manifest":
+    """The manifest of a collection folder (created if missing)."""
+    return Manifest(Path(output_dir) / MANIFEST_FILE)
+
+
 class Manifest:
     """A thin, typed door to the SQLite file. One instance per process; not thread-safe."""
 
@@ -174,13 +183,13 @@ class Manifest:
     # -- pages ---------------------------------------------------------------------------
     def add_page(self, url: str, label: str, kind: str = "listing", page_no: int = 1,
                  parent_url: str | None = None, product_id: str | None = None,
-                 product_title: str | None = None) -> bool:
-        """Queue a page; False if it was already known (resume, or seen via another path)."""
+                 product_title: str | None = None) -> int | None:
+        """Queue a page: its id, or None if it was already known (resume, another path)."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO pages (url, label, kind, page_no, parent_url, product_id, "
             "product_title, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (url, label, kind, page_no, parent_url, product_id, product_title, time.time()))
-        return cur.rowcount == 1
+        return cur.lastrowid if cur.rowcount == 1 else None
 
     def pending_pages(self, kind: str | None = None) -> list[sqlite3.Row]:
         sql = "SELECT * FROM pages WHERE status = 'pending'"
@@ -203,8 +212,8 @@ class Manifest:
     def add_image(self, url: str, label: str, *, product_id: str | None = None,
                   product_title: str | None = None, product_url: str | None = None,
                   page_url: str | None = None, shop: str | None = None,
-                  position: int | None = None) -> bool:
-        """Record a discovered image; False if (label, url) is already known."""
+                  position: int | None = None) -> int | None:
+        """Record a discovered image: its id, or None if (label, url) is already known."""
         now = time.time()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO images (url, label, product_id, product_title, product_url, "
@@ -212,7 +221,7 @@ class Manifest:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (url, label, product_id, product_title, product_url, page_url, shop, position,
              now, now))
-        return cur.rowcount == 1
+        return cur.lastrowid if cur.rowcount == 1 else None
 
     def has_product(self, label: str, shop: str | None, product_id: str) -> bool:
         """The same product seen on another page of this label counts once."""
@@ -230,6 +239,26 @@ class Manifest:
             "SELECT COUNT(*) FROM pages WHERE label = ? AND kind = 'product' AND status != 'done'",
             (label,)).fetchone()[0]
         return images + pages
+
+    def image(self, image_id: int) -> sqlite3.Row:
+        return self.db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+
+    def page(self, page_id: int) -> sqlite3.Row:
+        return self.db.execute("SELECT * FROM pages WHERE id = ?", (page_id,)).fetchone()
+
+    def stored_copy(self, url: str) -> sqlite3.Row | None:
+        """Another row with the same URL already downloaded (same product, other label)."""
+        marks = ",".join("?" * len(STORED_STATUSES))
+        return self.db.execute(
+            f"SELECT * FROM images WHERE url = ? AND status IN ({marks}) LIMIT 1",
+            (url, *STORED_STATUSES)).fetchone()
+
+    def retry_failed(self) -> int:
+        """Put failed pages and images back in the queue (`collector crawl --retry-failed`)."""
+        pages = self.db.execute("UPDATE pages SET status = 'pending' WHERE status = 'failed'")
+        images = self.db.execute(
+            "UPDATE images SET status = 'pending' WHERE status = 'failed'")
+        return pages.rowcount + images.rowcount
 
     def pending_images(self) -> list[sqlite3.Row]:
         return self.db.execute(
