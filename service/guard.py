@@ -1,0 +1,164 @@
+"""ASGI middleware in front of the image endpoints: bad requests get a clear 4xx, never a 500.
+
+BentoML parses multipart bodies itself and answers some malformed ones with a 500 (a binary part
+under an unexpected field name is fed to `json.loads` -> UnicodeDecodeError), and fetches any
+URL sent as text in a file field. This guard checks the body once before BentoML sees it: byte
+limits (413), field names and kinds, the number of images (400), and it adds Retry-After to the
+429/503 answers of an overloaded server so that clients back off instead of piling up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+FORM_SLACK_BYTES = 64 * 1024  # multipart headers and small form fields around the images
+
+
+@dataclass(frozen=True)
+class ImageRoute:
+    """What one POST endpoint accepts: its file field, the most files, its other form fields."""
+    file_field: str
+    max_files: int
+    other_fields: frozenset[str]
+
+
+class GuardError(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+async def send_error(send, status: int, reason: str, message: str,
+                     headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": message, "reason": reason}).encode()
+    raw_headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    def __init__(self, app, *, routes: dict[str, ImageRoute], max_image_bytes: int,
+                 retry_after_s: int):
+        self.app = app
+        self.routes = routes
+        self.max_image_bytes = max_image_bytes
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = self._with_retry_after(send)
+        route = self.routes.get(scope["path"].rstrip("/") or "/")
+        if route is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._read_body(scope, receive, route)
+            await self._check_form(scope, body, route)
+        except GuardError as error:
+            return await send_error(send, error.status, error.reason, error.message)
+        await self.app(scope, _replay(body, receive), send)
+
+    def _with_retry_after(self, send):
+        async def send_with_retry_after(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (429, 503):
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"retry-after" for k, _ in headers):
+                    headers.append((b"retry-after", self.retry_after))
+                message = {**message, "headers": headers}
+            await send(message)
+        return send_with_retry_after
+
+    async def _read_body(self, scope, receive, route: ImageRoute) -> bytes:
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise GuardError(415, "not_multipart",
+                             f"send the photo as multipart/form-data in the field "
+                             f"'{route.file_field}' (got Content-Type '{content_type or 'none'}')")
+        limit = self.max_image_bytes * route.max_files + FORM_SLACK_BYTES
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise GuardError(413, "request_too_large",
+                             f"request body is {int(declared)} bytes, the limit is {limit}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise GuardError(400, "client_disconnected", "the client went away mid-body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # a lying or absent Content-Length: stop reading, do not buffer
+                raise GuardError(413, "request_too_large",
+                                 f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _check_form(self, scope, body: bytes, route: ImageRoute) -> None:
+        if not body:
+            raise GuardError(400, "empty_body",
+                             f"the request has no body; send the photo in the field "
+                             f"'{route.file_field}'")
+        request = Request(dict(scope), _replay(body, None))
+        try:
+            form = await request.form(max_files=route.max_files, max_fields=16)
+        except HTTPException as exc:  # Starlette's MultiPartException, as a 400
+            if "many files" in str(exc.detail).lower():
+                raise GuardError(400, "too_many_images",
+                                 f"at most {route.max_files} images per request") from exc
+            raise GuardError(400, "malformed_multipart", f"unreadable form: {exc.detail}") from exc
+        except Exception as exc:
+            raise GuardError(400, "malformed_multipart", f"unreadable form: {exc}") from exc
+        try:
+            self._check_fields(form, route)
+        finally:
+            await form.close()
+
+    def _check_fields(self, form, route: ImageRoute) -> None:
+        allowed = route.other_fields | {route.file_field}
+        unknown = sorted(set(form.keys()) - allowed)
+        if unknown:
+            raise GuardError(400, "unknown_field",
+                             f"unexpected form field(s) {unknown}; send the photo in the field "
+                             f"'{route.file_field}' (other fields: {sorted(route.other_fields)})")
+        files = form.getlist(route.file_field)
+        if not files:
+            raise GuardError(400, "missing_image", f"no '{route.file_field}' field in the form")
+        if len(files) > route.max_files:
+            raise GuardError(400, "too_many_images",
+                             f"{len(files)} images, at most {route.max_files} per request")
+        for index, part in enumerate(files):
+            if not isinstance(part, UploadFile):
+                # BentoML would fetch a URL given here: the service only takes uploaded bytes.
+                raise GuardError(400, "not_a_file",
+                                 f"'{route.file_field}' #{index} is a text field; upload the "
+                                 "image file itself (URLs are not fetched)")
+            if part.size is not None and part.size > self.max_image_bytes:
+                raise GuardError(413, "image_too_large",
+                                 f"'{part.filename}' is {part.size} bytes, the limit is "
+                                 f"{self.max_image_bytes}")
+        for name in route.other_fields:
+            if isinstance(form.get(name), UploadFile):
+                raise GuardError(400, "not_a_value", f"'{name}' must be a plain form value")
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the buffered body on once, then waits on the real client."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if receive is None:
+            return {"type": "http.disconnect"}
+        return await receive()
+    return replay

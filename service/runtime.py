@@ -1,0 +1,66 @@
+"""ONNX Runtime session for a contract-carrying classifier: providers, threads, I/O checks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.contract import ONNX_INPUT, ONNX_OUTPUT, ContractError, ModelContract
+
+logger = logging.getLogger("product_classifier.service")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(device: str) -> list[str]:
+    """CUDA first when onnxruntime-gpu is installed (and not turned off), CPU always as fallback."""
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise RuntimeError(f"CLASSIFIER_DEVICE=cuda but ONNX Runtime offers only {available}; "
+                           "install onnxruntime-gpu (bentofile.gpu.yaml) on a machine with a GPU")
+    return [CPU]
+
+
+def create_session(onnx_path: Path, *, threads: int, device: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # Explicit: by default ORT sizes its pool to every core of the host, and several workers
+    # (or a container with a CPU quota) would then oversubscribe the machine.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=choose_providers(device))
+    if device == "cuda" and CUDA not in session.get_providers():
+        raise RuntimeError(f"CUDA was asked for but ONNX Runtime fell back to "
+                           f"{session.get_providers()} (no usable GPU or CUDA libraries)")
+    logger.info("ONNX Runtime session on %s, %d intra-op threads", session.get_providers()[0],
+                threads)
+    return session
+
+
+def check_io(session: ort.InferenceSession, contract: ModelContract) -> None:
+    """The graph must take [N,3,S,S] `input` and give [N,C] `logits` as the contract says."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if ONNX_INPUT not in inputs or ONNX_OUTPUT not in outputs:
+        raise ContractError(f"the model must have input '{ONNX_INPUT}' and output '{ONNX_OUTPUT}'"
+                            f", it has inputs {list(inputs)} and outputs {list(outputs)}")
+    shape = inputs[ONNX_INPUT].shape
+    expected = [3, contract.input_size, contract.input_size]
+    fixed = [dim if isinstance(dim, int) else None for dim in shape[1:]]
+    if len(shape) != 4 or any(d is not None and d != e for d, e in zip(fixed, expected)):
+        raise ContractError(f"model input shape {shape} does not match the contract's "
+                            f"[N, {', '.join(map(str, expected))}]")
+    if isinstance(shape[0], int) and shape[0] != 1:
+        raise ContractError(f"model input has a fixed batch size {shape[0]}; export it with a "
+                            "dynamic batch axis so requests can be batched")
+
+
+def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    return session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)})[0]

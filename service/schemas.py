@@ -1,0 +1,42 @@
+"""The typed answers of the HTTP API (what clients and /docs.json see)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1, description="softmax probability")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    label: str | None = Field(description="the most likely label; null when its score is below "
+                                          "the request's min_score (the model is unsure)")
+    score: float = Field(ge=0, le=1, description="probability of the most likely label")
+    top_k: list[LabelScore] = Field(description="the most likely labels, best first")
+    model: ModelRef
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction] = Field(description="one per image, in request order")
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str
+    tag: str = Field(description="BentoML model tag, or the .onnx path it was loaded from")
+    architecture: str
+    labels: list[str]
+    input_size: int
+    metrics: dict = Field(description="evaluation metrics stored with the model, if any")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what went wrong, for humans")
+    reason: str = Field(description="short machine-readable code, e.g. too_many_pixels")

@@ -1,0 +1,161 @@
+"""The BentoML service: `POST /classify`, `POST /classify_batch`, `GET /model`.
+
+Two services, as measured in BENCHMARKS.md (service section):
+- `ProductClassifier` (the API, `api_workers` processes) checks the request, decodes and
+  preprocesses the photo with `service.contract` and turns logits into labels;
+- `OnnxModel` (`model_workers` processes) runs ONNX Runtime on batches that BentoML's adaptive
+  batcher forms from the API workers' calls.
+Serve with `bentoml serve` in the repository root (bentofile.yaml names `ProductClassifier`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import ServiceUnavailable
+from fastapi import FastAPI
+from pydantic import Field
+from starlette.responses import JSONResponse
+
+from service.batching import install_fixed_batch_window
+from service.contract import ImageDecodeError, load_and_preprocess, softmax
+from service.guard import ImageRoute, RequestGuard
+from service.model_store import resolve_model
+from service.runtime import check_io, create_session, run_logits
+from service.schemas import BatchPrediction, LabelScore, ModelCard, ModelRef, Prediction
+from service.settings import ServiceSettings
+
+logger = logging.getLogger("product_classifier.service")
+settings = ServiceSettings()
+install_fixed_batch_window(settings.batch_wait_ms)
+
+UNREADABLE = "not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)"
+MIN_SCORE = Field(None, ge=0.0, le=1.0,
+                  description="answer label null when the best score is below this")
+
+batch_size_histogram = bentoml.metrics.Histogram(
+    name="classifier_model_batch_images", documentation="images per ONNX Runtime run",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+predictions_counter = bentoml.metrics.Counter(
+    name="classifier_predictions", documentation="answered images by returned label "
+    "('none' when below min_score)", labelnames=["label"])
+rejections_counter = bentoml.metrics.Counter(
+    name="classifier_rejected_images", documentation="images refused, by reason",
+    labelnames=["reason"])
+
+
+@bentoml.service(name="onnx-model", workers=settings.model_workers,
+                 traffic={"timeout": settings.timeout_s})
+class OnnxModel:
+    """ONNX Runtime on batches of preprocessed images; loaded once per worker."""
+
+    def __init__(self) -> None:
+        self.model = resolve_model(settings.model_tag)
+        self.session = create_session(self.model.onnx_path, threads=settings.ort_threads,
+                                      device=settings.device)
+        check_io(self.session, self.model.contract)
+        size = self.model.contract.input_size
+        run_logits(self.session, np.zeros((1, 3, size, size), np.float32))  # first run is slow
+
+    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size,
+                 max_latency_ms=settings.max_latency_ms)
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        batch_size_histogram.observe(len(images))
+        return run_logits(self.session, images)
+
+
+model_app = FastAPI(title="model card", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@bentoml.service(name="product-classifier", workers=settings.api_workers,
+                 traffic={"timeout": settings.timeout_s,
+                          "max_concurrency": settings.max_concurrency})
+@bentoml.asgi_app(model_app, path="/")
+class ProductClassifier:
+    """Product photo -> label, score and top-k, with the model's own preprocessing."""
+
+    model = bentoml.depends(OnnxModel)
+
+    def __init__(self) -> None:
+        self.resolved = resolve_model(settings.model_tag)
+        self.contract = self.resolved.contract
+        self.model_ref = ModelRef(name=self.contract.name, version=self.contract.version)
+        self.top_k = min(settings.top_k, len(self.contract.labels))
+
+    @bentoml.api
+    async def classify(self, image: Path, min_score: float | None = MIN_SCORE) -> Prediction:
+        """Classify one product photo (multipart field `image`)."""
+        result = await self._classify([image], min_score)
+        return result if isinstance(result, JSONResponse) else result[0]
+
+    @bentoml.api
+    async def classify_batch(self, images: list[Path],
+                             min_score: float | None = MIN_SCORE) -> BatchPrediction:
+        """Classify several photos in one request (repeat the multipart field `images`)."""
+        result = await self._classify(images, min_score)
+        return result if isinstance(result, JSONResponse) else BatchPrediction(predictions=result)
+
+    @model_app.get("/model", response_model=ModelCard)
+    def model_card(self) -> ModelCard:
+        """Labels, version and evaluation metrics of the served model."""
+        contract = self.contract
+        return ModelCard(name=contract.name, version=contract.version, tag=self.resolved.tag,
+                         architecture=contract.architecture or "unknown", labels=contract.labels,
+                         input_size=contract.input_size, metrics=self.resolved.metrics)
+
+    async def _classify(self, paths: list[Path],
+                        min_score: float | None) -> list[Prediction] | JSONResponse:
+        try:
+            tensors = await asyncio.gather(
+                *(asyncio.to_thread(self._load, index, path) for index, path in enumerate(paths)))
+        except ImageDecodeError as error:
+            rejections_counter.labels(reason=error.reason).inc()
+            return JSONResponse({"error": error.detail, "reason": error.reason}, status_code=400)
+        try:
+            logits = await self.model.to_async.logits(np.stack(tensors))
+        except ServiceUnavailable:
+            return JSONResponse({"error": "the model is overloaded, retry shortly",
+                                 "reason": "overloaded"}, status_code=503)
+        return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
+
+    def _load(self, index: int, path: Path) -> np.ndarray:
+        try:
+            return load_and_preprocess(path.read_bytes(), self.contract,
+                                       max_pixels=settings.max_pixels)
+        except ImageDecodeError as error:
+            # Say which image: in a batch the client must know which one was refused.
+            detail = UNREADABLE if error.reason == "not_an_image" else error.detail
+            raise ImageDecodeError(error.reason, f"image #{index}: {detail}") from error
+
+    def _prediction(self, scores: np.ndarray, min_score: float | None) -> Prediction:
+        order = np.argsort(scores)[::-1][: self.top_k]
+        labels = self.contract.labels
+        top_k = [LabelScore(label=labels[i], score=float(scores[i])) for i in order]
+        best = top_k[0]
+        label = best.label if min_score is None or best.score >= min_score else None
+        predictions_counter.labels(label=label or "none").inc()
+        return Prediction(label=label, score=best.score, top_k=top_k, model=self.model_ref)
+
+
+def _image_routes(service) -> dict[str, ImageRoute]:
+    """Guard settings derived from the API signatures, so the two cannot drift apart."""
+    routes = {}
+    for api in service.apis.values():
+        spec = api.input_spec
+        if not spec.multipart_fields:
+            continue
+        (file_field,) = spec.multipart_fields
+        many = "list" in str(spec.model_fields[file_field].annotation)
+        routes[api.route] = ImageRoute(
+            file_field=file_field, max_files=settings.max_images_per_request if many else 1,
+            other_fields=frozenset(spec.model_fields) - {file_field})
+    return routes
+
+
+ProductClassifier.add_asgi_middleware(
+    RequestGuard, routes=_image_routes(ProductClassifier),
+    max_image_bytes=settings.max_image_bytes, retry_after_s=settings.retry_after_s)

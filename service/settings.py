@@ -1,0 +1,46 @@
+"""Service settings: one pydantic model, read from environment variables.
+
+Every field is an env var with the `CLASSIFIER_` prefix (e.g. `CLASSIFIER_MAX_BATCH_SIZE=16`),
+except the model reference, which is plain `MODEL_TAG` as in BentoML's examples.
+The batching fields are read when `service/service.py` is imported, because BentoML fixes
+`max_batch_size` / `max_latency_ms` when the API is declared.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.contract import DEFAULT_MAX_PIXELS
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLASSIFIER_", extra="ignore")
+
+    model_tag: str = Field(
+        "product-classifier:latest",
+        validation_alias=AliasChoices("MODEL_TAG", "CLASSIFIER_MODEL_TAG"),
+        description="BentoML model tag, or a path to an exported .onnx file")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")
+    ort_threads: int = Field(
+        2, ge=1, description="ONNX Runtime intra-op threads per model worker (it would otherwise "
+        "size its pool to the whole host and fight the other workers)")
+    model_workers: int = Field(1, ge=1, description="processes running the batched model")
+    api_workers: int = Field(1, ge=1, description="processes decoding images and answering HTTP")
+    max_batch_size: int = Field(32, ge=2, description="largest batch the model runs at once")
+    max_latency_ms: int = Field(
+        1000, ge=10, description="a request queued longer than this for the model gets 503")
+    batch_wait_ms: float = Field(
+        0.0, ge=0, description="how long an idle model waits for a fuller batch; 0 = run at "
+        "once (batches still form from requests that arrive while a batch runs)")
+    max_concurrency: int = Field(
+        64, ge=1, description="requests in flight per API worker before answering 429")
+    timeout_s: float = Field(30.0, gt=0, description="per-request timeout (504 after it)")
+    max_image_bytes: int = Field(10 * 2**20, ge=1024, description="largest accepted image file")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest width*height decoded")
+    max_images_per_request: int = Field(32, ge=1, description="cap for /classify_batch")
+    top_k: int = Field(3, ge=1, description="how many labels each answer lists")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers")

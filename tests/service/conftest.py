@@ -1,0 +1,127 @@
+"""Service fixtures: a real (tiny) ONNX CNN with contract metadata, and a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
+from tests.conftest import REPO, free_port
+
+LABELS = ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt",
+          "t-shirt"]
+INPUT_SIZE = 64
+
+
+def build_tiny_cnn(path: Path, contract: ModelContract, seed: int = 0) -> Path:
+    """Conv(3->8, 3x3, stride 2) -> ReLU -> global average pool -> Gemm(8->C), dynamic batch."""
+    rng = np.random.default_rng(seed)
+    classes = len(contract.labels)
+    weights = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "conv_b"),
+        numpy_helper.from_array(rng.normal(0, 2.0, (8, classes)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (classes,)).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", [ONNX_INPUT, "conv_w", "conv_b"], ["conv"], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [ONNX_OUTPUT]),
+    ]
+    size = contract.input_size
+    graph = helper.make_graph(
+        nodes, "tiny_cnn",
+        [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["batch", classes])],
+        initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10  # onnx writes 14; onnxruntime 1.31 reads at most 13
+    helper.set_model_props(model, contract.to_metadata())
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def tiny_contract(version: str = "test-1") -> ModelContract:
+    return ModelContract(version=version, labels=LABELS, input_size=INPUT_SIZE,
+                         architecture="tiny-cnn")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    return build_tiny_cnn(tmp_path_factory.mktemp("model") / "tiny.onnx", tiny_contract())
+
+
+class Server:
+    """A `bentoml serve` subprocess on 127.0.0.1 with its log kept for failing tests."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service.service:ProductClassifier",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"bentoml serve not ready in {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+SERVER_ENV = {
+    "CLASSIFIER_MAX_IMAGE_BYTES": str(2 * 2**20),
+    "CLASSIFIER_MAX_PIXELS": str(20_000_000),
+    "CLASSIFIER_MAX_IMAGES_PER_REQUEST": "8",
+    "CLASSIFIER_ORT_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx, tmp_path_factory):
+    """The service on the tiny model, started once per test module."""
+    srv = Server({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx)},
+                 tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
