@@ -55,7 +55,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.sqlite"
@@ -139,7 +139,7 @@ CREATE INDEX IF NOT EXISTS images_product ON images (label, shop, product_id);
 """
 
 
-def open_manifest(output_dir: str | Path) -> "Manifest":
+def open_manifest(output_dir: str | Path) -> Manifest:
     """The manifest of a collection folder (created if missing)."""
     return Manifest(Path(output_dir) / MANIFEST_FILE)
 
@@ -164,7 +164,7 @@ class Manifest:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Manifest":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

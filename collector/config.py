@@ -1,0 +1,187 @@
+"""Sources config: what to crawl and how, from one YAML file, checked before any request.
+
+Errors name the bad field by its path in the YAML (`sites.shop.card: ...`), unknown keys are
+errors (a typo such as `politness:` must not be silently ignored), and CSS selectors are
+compiled up front so a broken selector fails at load time, not after an hour of crawling.
+See collector/examples/ for complete files and README.md for a worked Amazon-like profile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from selectolax.lexbor import LexborHTMLParser
+
+
+class ConfigError(ValueError):
+    """The sources file is unusable; the message names the file and every bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+_PROBE = LexborHTMLParser("<html><body></body></html>")
+
+
+def _check_selector(value: str | None) -> str | None:
+    if value is None:
+        return value
+    try:
+        _PROBE.css(value)
+    except Exception as exc:  # noqa: BLE001 (selectolax raises its own error types)
+        raise ValueError(f"invalid CSS selector {value!r}: {exc}") from None
+    return value
+
+
+class SiteProfile(_Strict):
+    """How to read one shop's listing (and product) pages."""
+
+    card: str = Field(description="CSS selector of one product card on a listing page")
+    id_attr: str | None = Field(
+        None, description="card attribute holding the product id (e.g. data-asin)")
+    skip_cards_without_id: bool = Field(
+        True, description="skip cards whose id attribute is missing or empty (ads, widgets)")
+    title: str | None = Field(None, description="CSS selector of the title, inside the card")
+    link: str | None = Field(None, description="CSS selector of the product link, inside the card")
+    image: str = Field("img", description="CSS selector of the product image, inside the card")
+    image_attrs: list[str] = Field(
+        default_factory=lambda: ["srcset", "data-srcset", "data-old-hires", "data-src", "src"],
+        min_length=1,
+        description="image attributes to read, best first; *srcset ones give their largest "
+                    "candidate")
+    next_page: str | None = Field(None, description="CSS selector of the next-page link")
+    redirect_params: list[str] = Field(
+        default_factory=lambda: ["url", "u", "redirect", "target"],
+        description="query parameters of tracking/redirect links that carry the real URL")
+    product_image: str = Field(
+        "img", description="CSS selector of the main image on a product page "
+                           "(used with follow_product_pages)")
+    product_image_attrs: list[str] = Field(
+        default_factory=lambda: ["data-old-hires", "srcset", "data-srcset", "data-src", "src"],
+        min_length=1, description="like image_attrs, for the product page image")
+
+    _selectors = field_validator("card", "title", "link", "image", "next_page",
+                                 "product_image")(_check_selector)
+
+
+class Limits(_Strict):
+    max_pages: int = Field(20, ge=1, description="listing pages to follow per start URL")
+    max_images_per_label: int = Field(1000, ge=1, description="products kept per label")
+
+
+class Politeness(_Strict):
+    concurrency_per_host: int = Field(4, ge=1, le=64, description="requests in flight per host")
+    requests_per_second_per_host: float = Field(
+        5.0, gt=0, description="average request rate per host (leaky bucket)")
+    obey_robots: bool = Field(True, description="skip URLs that robots.txt disallows")
+    user_agent: str = Field(
+        "product-classifier-collector/0.1 (+https://github.com/; dataset building)",
+        min_length=1)
+
+
+class Download(_Strict):
+    max_bytes: int = Field(20_000_000, ge=1024, description="abort a response past this size")
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(20.0, gt=0, description="longest silence while reading")
+    total_timeout: float = Field(60.0, gt=0,
+                                 description="cap on one attempt, for servers that trickle")
+    retries: int = Field(4, ge=0, le=20,
+                         description="retries on connection errors, timeouts, 5xx and 429")
+    backoff_base: float = Field(0.5, ge=0, description="first backoff in seconds (doubles)")
+    backoff_max: float = Field(30.0, ge=0, description="cap on one backoff or Retry-After wait")
+
+
+class Validation(_Strict):
+    min_side: int = Field(64, ge=1, description="reject images whose short side is smaller")
+    max_pixels: int = Field(50_000_000, ge=1, description="reject larger images as bombs")
+
+
+class Dedup(_Strict):
+    hamming_threshold: int = Field(
+        6, ge=0, le=32, description="phash bits that may differ for two images to be near-dups")
+
+
+class SourcesConfig(_Strict):
+    """A sources.yaml file."""
+
+    output_dir: Path = Field(Path("collected"),
+                             description="manifest.sqlite and images/ go here (relative to "
+                                         "the YAML file)")
+    categories: dict[str, list[str]] = Field(
+        min_length=1, description="label -> start URLs (search or category pages)")
+    sites: dict[str, SiteProfile] = Field(
+        min_length=1, description="host[:port] -> profile; a single profile applies to all")
+    follow_product_pages: bool = Field(
+        False, description="open each product page for the full-size image")
+    limits: Limits = Limits()
+    politeness: Politeness = Politeness()
+    download: Download = Download()
+    validation: Validation = Validation()
+    dedup: Dedup = Dedup()
+
+    @field_validator("categories")
+    @classmethod
+    def _check_categories(cls, categories: dict[str, list[str]]) -> dict[str, list[str]]:
+        for label, urls in categories.items():
+            if not label.strip() or "/" in label or label.startswith("."):
+                raise ValueError(f"label {label!r} cannot be a folder name")
+            if not urls:
+                raise ValueError(f"label {label!r} has no start URLs")
+            for url in urls:
+                parts = urlsplit(url)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    raise ValueError(f"label {label!r}: {url!r} is not an http(s) URL")
+        return categories
+
+    @model_validator(mode="after")
+    def _every_url_has_a_profile(self) -> SourcesConfig:
+        if len(self.sites) == 1:
+            return self
+        for label, urls in self.categories.items():
+            for url in urls:
+                if urlsplit(url).netloc not in self.sites:
+                    raise ValueError(f"categories.{label}: no site profile for host "
+                                     f"{urlsplit(url).netloc!r} (sites has "
+                                     f"{sorted(self.sites)})")
+        return self
+
+    def profile_for(self, url: str) -> SiteProfile:
+        if len(self.sites) == 1:
+            return next(iter(self.sites.values()))
+        return self.sites[urlsplit(url).netloc]
+
+
+def _format(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (typo?)"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_sources(path: str | Path) -> SourcesConfig:
+    """Read and validate a sources YAML; output_dir is made relative to the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'categories' and 'sites', "
+                          f"got {type(raw).__name__}")
+    try:
+        config = SourcesConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc.error_count()} problem(s)\n{_format(exc)}") from None
+    if not config.output_dir.is_absolute():
+        config.output_dir = (path.parent / config.output_dir).resolve()
+    return config

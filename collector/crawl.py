@@ -1,0 +1,288 @@
+"""The crawl: listing pages -> product records -> downloaded, validated, stored images -> dedup.
+
+One task per label walks its listing pages in order (pagination is sequential by nature, and
+per-label order makes `max_images_per_label` pick the same products every time); a pool of
+workers downloads images (and product pages) as they are found. Every step is one manifest
+write, and a page's products, its next-page link and its own "done" are one transaction, so a
+kill -9 at any instant leaves a manifest from which the same command resumes exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from collector.config import SourcesConfig
+from collector.dedup import DedupSummary, run_dedup
+from collector.download import ImageStore
+from collector.extract import extract_listing, extract_product_image
+from collector.fetch import Fetcher, FetchError
+from collector.manifest import Manifest, open_manifest
+from collector.validate import validate_image
+from service.contract import ImageDecodeError
+
+
+@dataclass
+class CrawlStats:
+    pages: int = 0
+    pages_failed: int = 0
+    images_done: int = 0
+    stored: int = 0
+    rejected: int = 0
+    failed: int = 0
+    blocked: int = 0
+    reused: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class CrawlResult:
+    stats: CrawlStats
+    dedup: DedupSummary
+    fetcher_stats: dict
+
+
+class Crawler:
+    def __init__(self, config: SourcesConfig, manifest: Manifest, store: ImageStore,
+                 fetcher: Fetcher, progress: Progress | None = None):
+        self.config = config
+        self.manifest = manifest
+        self.store = store
+        self.fetcher = fetcher
+        self.progress = progress
+        self.stats = CrawlStats()
+        self.queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._pages_task = progress.add_task("pages", total=None, status="") if progress else None
+        self._images_task = progress.add_task("images", total=0, status="") if progress else None
+
+    # -- progress ------------------------------------------------------------------------
+    def _tick(self, pages: int = 0, images: int = 0, discovered: int = 0) -> None:
+        if not self.progress:
+            return
+        s = self.stats
+        rate = s.images_done / s.elapsed if s.elapsed > 0 else 0.0
+        status = (f"ok {s.stored}  rejected {s.rejected}  failed {s.failed}  "
+                  f"retries {self.fetcher.stats['retries']}  {rate:.1f} img/s")
+        self.progress.update(self._pages_task, advance=pages, status=f"failed {s.pages_failed}")
+        task = self.progress.tasks[self._images_task]
+        self.progress.update(self._images_task, advance=images,
+                             total=(task.total or 0) + discovered, status=status)
+
+    # -- seeding & listing pages ---------------------------------------------------------
+    def seed(self) -> None:
+        with self.manifest.transaction():
+            for label, urls in self.config.categories.items():
+                for url in urls:
+                    self.manifest.add_page(url, label, "listing", 1)
+        pending = self.manifest.pending_images()
+        for row in pending:
+            self.queue.put_nowait(("image", row["id"]))
+        products = self.manifest.pending_pages("product")
+        for row in products:
+            self.queue.put_nowait(("product", row["id"]))
+        self._tick(discovered=len(pending) + len(products))
+
+    async def walk_label(self, label: str) -> None:
+        while True:
+            pages = [p for p in self.manifest.pending_pages("listing") if p["label"] == label]
+            if not pages:
+                return
+            for page in pages:
+                await self.listing_page(page)
+
+    async def listing_page(self, page) -> None:
+        url, label = page["url"], page["label"]
+        if not await self.fetcher.allowed(url):
+            self.manifest.finish_page(page["id"], "blocked", "robots")
+            return self._page_done(failed=True)
+        try:
+            fetched = await self.fetcher.get(url)
+        except FetchError as exc:
+            self.manifest.finish_page(page["id"], "failed", exc.reason, exc.http_status)
+            return self._page_done(failed=True)
+        profile = self.config.profile_for(url)
+        listing = extract_listing(fetched.content.decode("utf-8", "replace"), fetched.url,
+                                  profile)
+        limit = self.config.limits.max_images_per_label
+        new: list[tuple[str, int]] = []
+        with self.manifest.transaction():
+            for product in listing.products:
+                if self.manifest.count_products(label) >= limit:
+                    break
+                shop = urlsplit(product.image_url or product.product_url or url).netloc
+                if self.manifest.has_product(label, shop, product.product_id):
+                    continue                 # the same product on another page: once
+                if self.config.follow_product_pages and product.product_url:
+                    page_id = self.manifest.add_page(
+                        product.product_url, label, "product", page["page_no"], url,
+                        product.product_id, product.title)
+                    if page_id:
+                        new.append(("product", page_id))
+                elif product.image_url:
+                    image_id = self.manifest.add_image(
+                        product.image_url, label, product_id=product.product_id,
+                        product_title=product.title, product_url=product.product_url,
+                        page_url=url, shop=shop, position=product.position)
+                    if image_id:
+                        new.append(("image", image_id))
+            next_url = listing.next_url
+            if (next_url and page["page_no"] < self.config.limits.max_pages
+                    and self.manifest.count_products(label) < limit):
+                self.manifest.add_page(next_url, label, "listing", page["page_no"] + 1, url)
+            self.manifest.finish_page(page["id"], "done", None, fetched.status,
+                                      len(listing.products), next_url)
+        for item in new:
+            self.queue.put_nowait(item)
+        self._tick(discovered=len(new))
+        self._page_done()
+
+    def _page_done(self, failed: bool = False) -> None:
+        self.stats.pages += 1
+        self.stats.pages_failed += failed
+        self._tick(pages=1)
+
+    # -- workers -------------------------------------------------------------------------
+    async def worker(self) -> None:
+        while True:
+            kind, item_id = await self.queue.get()
+            try:
+                if kind == "image":
+                    await self.image(item_id)
+                else:
+                    await self.product_page(item_id)
+            except Exception as exc:  # noqa: BLE001 (one bad item must not stop the crawl)
+                if kind == "image":
+                    self.manifest.mark_unusable(item_id, "failed", "internal_error",
+                                                f"{type(exc).__name__}: {exc}")
+                else:
+                    self.manifest.finish_page(item_id, "failed", "internal_error")
+            finally:
+                self.queue.task_done()
+
+    async def product_page(self, page_id: int) -> None:
+        page = self.manifest.page(page_id)
+        if page["status"] != "pending":
+            return
+        url, label = page["url"], page["label"]
+        if not await self.fetcher.allowed(url):
+            self.manifest.finish_page(page_id, "blocked", "robots")
+            return self._image_done("blocked")
+        try:
+            fetched = await self.fetcher.get(url)
+        except FetchError as exc:
+            self.manifest.finish_page(page_id, "failed", exc.reason, exc.http_status)
+            return self._image_done("failed")
+        image_url = extract_product_image(fetched.content.decode("utf-8", "replace"),
+                                          fetched.url, self.config.profile_for(url))
+        image_id = None
+        with self.manifest.transaction():
+            if image_url:
+                image_id = self.manifest.add_image(
+                    image_url, label, product_id=page["product_id"],
+                    product_title=page["product_title"], product_url=url,
+                    page_url=page["parent_url"], shop=urlsplit(image_url).netloc)
+            self.manifest.finish_page(page_id, "done", None if image_url else "no_image",
+                                      fetched.status, int(bool(image_url)))
+        if image_id:
+            await self.image(image_id)
+        else:
+            self._image_done("failed")
+
+    async def image(self, image_id: int) -> None:
+        row = self.manifest.image(image_id)
+        if row["status"] != "pending":
+            return
+        url = row["url"]
+        copy = self.manifest.stored_copy(url)
+        if copy is not None:             # same URL under another label: bytes already here
+            self.manifest.mark_stored(image_id, path=copy["path"], size=copy["bytes"],
+                                      width=copy["width"], height=copy["height"],
+                                      fmt=copy["format"], sha256=copy["sha256"],
+                                      phash=copy["phash"], http_status=copy["http_status"])
+            self.stats.reused += 1
+            return self._image_done("stored")
+        if not await self.fetcher.allowed(url):
+            self.manifest.mark_unusable(image_id, "blocked", "robots", "disallowed by robots.txt")
+            return self._image_done("blocked")
+        try:
+            fetched = await self.fetcher.get(url)
+        except FetchError as exc:
+            self.manifest.mark_unusable(image_id, "failed", exc.reason, exc.detail,
+                                        exc.http_status)
+            return self._image_done("failed")
+        data = fetched.content
+        try:
+            valid = await asyncio.to_thread(validate_image, data, self.config.validation)
+        except ImageDecodeError as exc:
+            self.manifest.mark_unusable(image_id, "rejected", exc.reason, exc.detail,
+                                        fetched.status, len(data))
+            return self._image_done("rejected")
+        path = await asyncio.to_thread(self.store.put, data, valid.sha256, valid.extension)
+        self.manifest.mark_stored(image_id, path=path, size=len(data), width=valid.width,
+                                  height=valid.height, fmt=valid.format, sha256=valid.sha256,
+                                  phash=valid.phash, http_status=fetched.status)
+        self._image_done("stored")
+
+    def _image_done(self, outcome: str) -> None:
+        self.stats.images_done += 1
+        if outcome == "stored":
+            self.stats.stored += 1
+        else:
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        self._tick(images=1)
+
+    # -- the whole run -------------------------------------------------------------------
+    async def run(self) -> CrawlResult:
+        self.seed()
+        n_workers = min(64, self.config.politeness.concurrency_per_host *
+                        max(1, len(self.config.sites)) + 2)
+        workers = [asyncio.create_task(self.worker()) for _ in range(n_workers)]
+        try:
+            await asyncio.gather(*(self.walk_label(label) for label in self.config.categories))
+            await self.queue.join()
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        dedup = run_dedup(self.manifest, self.config.dedup.hamming_threshold)
+        return CrawlResult(self.stats, dedup, dict(self.fetcher.stats))
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description:>6}"), BarColumn(),
+                    MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                    TimeElapsedColumn(), console=console, transient=False,
+                    disable=not console.is_terminal)
+
+
+async def crawl(config: SourcesConfig, console: Console | None = None,
+                retry_failed: bool = False) -> CrawlResult:
+    """Crawl everything in `config` into `config.output_dir` (resuming what is there)."""
+    console = console or Console(stderr=True)
+    manifest = open_manifest(config.output_dir)
+    store = ImageStore(config.output_dir)
+    store.sweep()
+    if retry_failed:
+        manifest.retry_failed()
+    try:
+        async with Fetcher(config.politeness, config.download) as fetcher:
+            with make_progress(console) as progress:
+                return await Crawler(config, manifest, store, fetcher, progress).run()
+    finally:
+        manifest.close()

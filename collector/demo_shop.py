@@ -1,0 +1,397 @@
+"""A realistic little shop on 127.0.0.1, built from any ImageFolder, with switchable faults.
+
+    python -m collector.demo_shop --catalog demo_data/catalog --port 8765 --faults all \
+        --write-sources demo_out/sources.yaml
+
+Pages: `/search?q=LABEL&page=N` (12 cards a page, a next link), product cards with lazy images
+(`src` is a data: placeholder, the photo is in `data-src` and a `data-srcset` of 3 widths, URLs
+relative and protocol-relative), sponsored cards linked through `/sspa/click?url=...`, widget
+cards with an empty `data-product-id`, product pages `/p/ID` with `data-old-hires`, and a
+robots.txt that disallows `/private/`.
+
+Planted for dedup to find (part of the catalog, always on): per label, one photo re-encoded
+smaller as another product (near duplicate), one photo byte-identical under another product
+id (exact duplicate), and, with the `dupes` fault, products listed on two pages of a label and
+one product per label pair listed under a second category (a cross-label conflict).
+
+Faults (`--faults all` or a comma list), each hitting a fixed subset of products so that
+every run, and every resumed run, meets the same ones:
+  429       first request answers 429 with Retry-After: 1
+  500       first two requests answer 500 (a burst); a listing page does it too
+  slow      the answer waits 0.8 s
+  truncated the file is cut in half              -> rejected: corrupt
+  corrupt   the body after the header is zeroed  -> rejected: corrupt
+  html      an HTML error page served as image/jpeg -> rejected: not_an_image
+  webp      WebP bytes behind a .jpg name        -> accepted, stored as .webp
+  bomb      a tiny PNG that claims 60 MP          -> rejected: too_many_pixels
+  tiny      a 40x40 thumbnail                    -> rejected: too_small
+  missing   404                                  -> failed: http_404
+  robots    image under /private/ (disallowed)   -> blocked: robots
+  dupes     same product on two pages and under two categories
+`/_plan.json` lists which product got which fault, for tests and curious users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+import yaml
+from PIL import Image
+
+FAULTS = ("429", "500", "slow", "truncated", "corrupt", "html", "webp", "bomb", "tiny",
+          "missing", "robots", "dupes")
+# How many products per label each fault hits (deterministic: chosen by hash of the id).
+_FAULT_SHARE = {"429": 1, "500": 2, "slow": 1, "truncated": 1, "corrupt": 1, "html": 1,
+                "webp": 2, "bomb": 0, "tiny": 0, "missing": 0, "robots": 0}
+PER_PAGE = 12
+WIDTHS = (200, 300)     # smaller srcset candidates; the original is the largest
+_PLACEHOLDER = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
+
+
+@dataclass
+class DemoProduct:
+    product_id: str
+    label: str
+    title: str
+    source: Path                    # the catalog photo
+    variant: str = ""               # "" | "near" (re-encoded smaller) | "exact" (same bytes)
+    faults: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ShopPlan:
+    products: dict[str, DemoProduct]
+    listings: dict[str, list[str]]  # label -> product ids in listing order (dupes included)
+
+    def to_json(self) -> dict:
+        return {
+            "listings": self.listings,
+            "products": {pid: {"label": p.label, "variant": p.variant,
+                               "source": p.source.name, "faults": sorted(p.faults)}
+                         for pid, p in self.products.items()},
+        }
+
+
+def _rank(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def build_plan(catalog: Path, faults: set[str], per_label: int | None = None) -> ShopPlan:
+    labels = sorted(p.name for p in catalog.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not labels:
+        raise SystemExit(f"{catalog}: no label folders (expected an ImageFolder: LABEL/*.jpg)")
+    products: dict[str, DemoProduct] = {}
+    listings: dict[str, list[str]] = {}
+    for label in labels:
+        files = sorted(f for f in (catalog / label).iterdir()
+                       if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))[:per_label]
+        ids = []
+        for n, path in enumerate(files):
+            pid = f"{label[:3].upper()}{_rank(label + path.name)[:8]}"
+            products[pid] = DemoProduct(pid, label, f"{label.title()} no. {n + 1}", path)
+            ids.append(pid)
+        # Planted duplicates: a smaller re-encode and a byte copy, each its own product.
+        if len(files) >= 2:
+            near = f"{ids[0]}N"
+            products[near] = DemoProduct(near, label, f"{label.title()} (outlet)", files[0],
+                                         variant="near")
+            exact = f"{ids[1]}X"
+            products[exact] = DemoProduct(exact, label, f"{label.title()} (reseller)", files[1],
+                                          variant="exact")
+            ids[3:3] = [near, exact]
+        listings[label] = ids
+    # Faults hit fixed, disjoint products: the ones with the lowest hash for each fault.
+    # Photos that have a planted copy stay clean, so every planted pair is there to find.
+    has_copy = {pid[:-1] for pid, p in products.items() if p.variant}
+    plain = sorted((pid for pid, p in products.items() if not p.variant and pid not in has_copy),
+                   key=lambda pid: _rank("fault" + pid))
+    cursor = 0
+    for fault, share in _FAULT_SHARE.items():
+        if fault not in faults:
+            continue
+        count = share * len(labels) if share else 1
+        for pid in plain[cursor:cursor + count]:
+            products[pid].faults.add(fault)
+        cursor += count
+    if "dupes" in faults:
+        for i, label in enumerate(labels):
+            ids = listings[label]
+            if len(ids) > PER_PAGE + 2:             # promoted: also shown on page 2
+                ids.insert(PER_PAGE + 1, ids[5])
+            other = labels[(i + 1) % len(labels)]
+            if other != label:                      # same product under a second category
+                cross = next(pid for pid in reversed(ids) if not products[pid].faults)
+                listings[other].insert(2, cross)
+    return ShopPlan(products, listings)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that hang up (a killed crawl) are normal here, not tracebacks
+
+
+class DemoShop:
+    """The shop as an object: `start()` serves in a daemon thread, `stop()` ends it."""
+
+    def __init__(self, catalog: Path, faults: set[str] | None = None, port: int = 0,
+                 per_label: int | None = None, host: str = "127.0.0.1"):
+        unknown = set(faults or ()) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; choose from {FAULTS}")
+        self.catalog = Path(catalog)
+        self.faults = set(faults or ())
+        self.plan = build_plan(self.catalog, self.faults, per_label)
+        self.hits: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.server = _QuietServer((host, port), _handler_for(self))
+        self.server.daemon_threads = True
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> DemoShop:
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def hit(self, key: str) -> int:
+        """How many times this key was requested, this one included."""
+        with self.lock:
+            self.hits[key] = self.hits.get(key, 0) + 1
+            return self.hits[key]
+
+    # -- content -------------------------------------------------------------------------
+    def image_url(self, product: DemoProduct, width: int | None = None) -> str:
+        base = "/private/img" if "robots" in product.faults else "/img"
+        name = f"w{width}.jpg" if width else "full.jpg"
+        return f"{base}/{product.product_id}/{name}"
+
+    def card(self, product: DemoProduct, position: int) -> str:
+        link = f"/p/{product.product_id}?ref=sr_{position}"
+        if position % 7 == 3:  # sponsored: tracked through a redirect
+            link = f"/sspa/click?adId=A{position}&url={quote(link, safe='')}"
+        srcset = ", ".join(
+            [f"{self.image_url(product, w)} {w}w" for w in WIDTHS] +
+            # the largest candidate protocol-relative, as CDNs write them
+            [f"//{urlsplit(self.url).netloc}{self.image_url(product)} 400w"])
+        title = html.escape(product.title)
+        return (f'<div class="product-card" data-product-id="{product.product_id}">'
+                f'<a class="product-link" href="{html.escape(link)}">'
+                f'<img class="lazy" src="{_PLACEHOLDER}" data-src="{self.image_url(product)}" '
+                f'data-srcset="{srcset}" alt="{title}"></a>'
+                f'<h3 class="title">{title}</h3><span class="price">$19.99</span></div>')
+
+    def listing(self, label: str, page: int) -> str | None:
+        ids = self.plan.listings.get(label)
+        if ids is None:
+            return None
+        chunk = ids[(page - 1) * PER_PAGE: page * PER_PAGE]
+        cards = [self.card(self.plan.products[pid], (page - 1) * PER_PAGE + i)
+                 for i, pid in enumerate(chunk)]
+        # A widget card ("customers also viewed") without an id: a crawler must skip it.
+        cards.insert(min(4, len(cards)), '<div class="product-card" data-product-id="">'
+                     '<img src="/static/banner.jpg" alt="Deals of the day"></div>')
+        more = page * PER_PAGE < len(ids)
+        nav = (f'<a class="next" href="/search?q={quote(label)}&amp;page={page + 1}">Next</a>'
+               if more else "")
+        return (f"<!doctype html><html><head><title>{html.escape(label)} | Demo shop</title>"
+                f"</head><body><main class=\"results\">{''.join(cards)}</main>"
+                f"<nav class=\"pagination\">{nav}</nav></body></html>")
+
+    def product_page(self, pid: str) -> str | None:
+        product = self.plan.products.get(pid)
+        if product is None:
+            return None
+        return (f"<!doctype html><html><body><h1>{html.escape(product.title)}</h1>"
+                f'<img id="main-image" src="{self.image_url(product, WIDTHS[0])}" '
+                f'data-old-hires="{self.image_url(product)}"></body></html>')
+
+    def image_bytes(self, product: DemoProduct, width: int | None) -> tuple[bytes, str]:
+        data = _render(product.source, product.variant, width,
+                       "webp" if "webp" in product.faults else "jpeg")
+        content_type = "image/jpeg"
+        if "truncated" in product.faults:
+            data = data[: len(data) // 2]
+        elif "corrupt" in product.faults:
+            data = data[:1500] + bytes(len(data) - 1500)
+        elif "html" in product.faults:
+            data = b"<!doctype html><html><body><h1>Access denied</h1></body></html>"
+        elif "bomb" in product.faults:
+            data = _bomb()
+        elif "tiny" in product.faults:
+            data = _render(product.source, "", 40, "jpeg")
+        return data, content_type
+
+
+@lru_cache(maxsize=4096)
+def _render(source: Path, variant: str, width: int | None, fmt: str) -> bytes:
+    if variant in ("", "exact") and width is None and fmt == "jpeg":
+        return source.read_bytes()          # the original, byte for byte
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        if variant == "near":               # what a reseller does: shrink and re-encode
+            image = image.resize((image.width * 9 // 10, image.height * 9 // 10))
+        if width and width < image.width:
+            image = image.resize((width, round(image.height * width / image.width)))
+        out = io.BytesIO()
+        image.save(out, "WEBP" if fmt == "webp" else "JPEG",
+                   quality=70 if variant == "near" else 88)
+        return out.getvalue()
+
+
+@lru_cache(maxsize=1)
+def _bomb() -> bytes:
+    """A valid 1-bit PNG of 8000x8000 pixels (64 MP) in a few kB."""
+    out = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _handler_for(shop: DemoShop) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"       # keep-alive, so clients can reuse connections
+        server_version = "DemoShop/1.0"
+
+        def log_message(self, *args: object) -> None:  # quiet: tests read their own output
+            pass
+
+        def send(self, status: int, body: bytes, content_type: str = "text/html; charset=utf-8",
+                 headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            try:
+                self.route()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def route(self) -> None:
+            parts = urlsplit(self.path)
+            path, query = parts.path, parse_qs(parts.query)
+            if path == "/robots.txt":
+                return self.send(200, b"User-agent: *\nDisallow: /private/\n", "text/plain")
+            if path == "/_plan.json":
+                return self.send(200, json.dumps(shop.plan.to_json()).encode(),
+                                 "application/json")
+            if path == "/search":
+                label = query.get("q", [""])[0]
+                page = int(query.get("page", ["1"])[0] or 1)
+                if ("500" in shop.faults and page == 2 and label == min(shop.plan.listings)
+                        and shop.hit(self.path) <= 2):
+                    return self.send(500, b"<h1>Internal Server Error</h1>")
+                body = shop.listing(label, page)
+                return self.send(200 if body else 404, (body or "<h1>Not found</h1>").encode())
+            if path.startswith("/p/"):
+                body = shop.product_page(path[3:])
+                return self.send(200 if body else 404, (body or "<h1>Not found</h1>").encode())
+            if path == "/sspa/click":
+                target = query.get("url", ["/"])[0]
+                return self.send(302, b"", headers={"Location": target})
+            if path.startswith(("/img/", "/private/img/")):
+                return self.image(path)
+            return self.send(404, b"<h1>Not found</h1>")
+
+        def image(self, path: str) -> None:
+            segments = path.split("/")
+            pid, name = segments[-2], segments[-1]
+            product = shop.plan.products.get(pid)
+            if product is None or "missing" in product.faults:
+                return self.send(404, b"<h1>Not found</h1>")
+            faults = product.faults
+            if "429" in faults and shop.hit("429" + path) == 1:
+                return self.send(429, b"slow down", headers={"Retry-After": "1"})
+            if "500" in faults and shop.hit("500" + path) <= 2:
+                return self.send(500, b"<h1>Internal Server Error</h1>")
+            if "slow" in faults:
+                time.sleep(0.8)
+            width = int(name[1:].split(".")[0]) if name.startswith("w") else None
+            data, content_type = shop.image_bytes(product, width)
+            self.send(200, data, content_type, {"Cache-Control": "max-age=86400"})
+
+    return Handler
+
+
+def write_sources(shop: DemoShop, path: Path, output_dir: str = "collected") -> Path:
+    """A ready sources.yaml that crawls this shop (fast politeness: it is our own server)."""
+    netloc = urlsplit(shop.url).netloc
+    config = {
+        "output_dir": output_dir,
+        "categories": {label: [f"{shop.url}/search?q={quote(label)}"]
+                       for label in sorted(shop.plan.listings)},
+        "sites": {netloc: {
+            "card": "div.product-card", "id_attr": "data-product-id",
+            "title": "h3.title", "link": "a.product-link", "image": "img",
+            "image_attrs": ["data-srcset", "srcset", "data-src", "src"],
+            "next_page": "nav.pagination a.next", "product_image": "img#main-image"}},
+        "politeness": {"concurrency_per_host": 8, "requests_per_second_per_host": 200},
+        "download": {"retries": 4, "backoff_base": 0.2, "backoff_max": 5},
+        "validation": {"min_side": 64},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# Written by collector.demo_shop for the shop at {shop.url}\n" +
+                    yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m collector.demo_shop", description=__doc__.split("\n\n")[0],
+        epilog="Faults: " + ", ".join(FAULTS), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--catalog", type=Path, default=Path("demo_data/catalog"),
+                        help="an ImageFolder: LABEL/*.jpg (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--faults", default="all",
+                        help="'all', 'none' or a comma list (default: %(default)s)")
+    parser.add_argument("--per-label", type=int, default=None,
+                        help="serve only the first N photos of each label")
+    parser.add_argument("--write-sources", type=Path, default=None,
+                        help="write a sources.yaml that crawls this shop, then keep serving")
+    parser.add_argument("--output-dir", default="collected",
+                        help="output_dir written into that sources.yaml")
+    args = parser.parse_args(argv)
+    faults = (set(FAULTS) if args.faults == "all" else set() if args.faults == "none"
+              else {f.strip() for f in args.faults.split(",") if f.strip()})
+    shop = DemoShop(args.catalog, faults, args.port, args.per_label)
+    if args.write_sources:
+        write_sources(shop, args.write_sources, args.output_dir)
+    n_products = len(shop.plan.products)
+    print(f"demo shop: {shop.url}  ({n_products} products, {len(shop.plan.listings)} labels, "
+          f"faults: {','.join(sorted(faults)) or 'none'})", flush=True)
+    if args.write_sources:
+        print(f"sources: {args.write_sources}", flush=True)
+    try:
+        shop.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shop.server.server_close()
+
+
+if __name__ == "__main__":
+    main()
