@@ -48,8 +48,14 @@ rejections_counter = bentoml.metrics.Counter(
     labelnames=["reason"])
 
 
+# BentoML 1.4 recycles the API->model client session every 100 requests (or 300 s) by closing
+# it under the requests still in flight on it: under load they failed with 500 (aiohttp
+# ServerDisconnectedError). The connection is local and long-lived; never recycle it.
+NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 1e9}
+
+
 @bentoml.service(name="onnx-model", workers=settings.model_workers,
-                 traffic={"timeout": settings.timeout_s})
+                 traffic={"timeout": settings.timeout_s}, runner_connection=NEVER_RECYCLE)
 class OnnxModel:
     """ONNX Runtime on batches of preprocessed images; loaded once per worker."""
 
@@ -61,7 +67,7 @@ class OnnxModel:
         size = self.model.contract.input_size
         run_logits(self.session, np.zeros((1, 3, size, size), np.float32))  # first run is slow
 
-    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size,
+    @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
                  max_latency_ms=settings.max_latency_ms)
     def logits(self, images: np.ndarray) -> np.ndarray:
         batch_size_histogram.observe(len(images))

@@ -30,6 +30,8 @@ class ServiceSettings(BaseSettings):
         "size its pool to the whole host and fight the other workers)")
     model_workers: int = Field(1, ge=1, description="processes running the batched model")
     api_workers: int = Field(1, ge=1, description="processes decoding images and answering HTTP")
+    batching: bool = Field(True, description="adaptive batching of model calls (false: one "
+                           "request's images per ONNX Runtime run, for comparison)")
     max_batch_size: int = Field(32, ge=2, description="largest batch the model runs at once")
     max_latency_ms: int = Field(
         1000, ge=10, description="a request queued longer than this for the model gets 503")
