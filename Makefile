@@ -36,3 +36,23 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs reports demo_out bench_out .pytest_cache
+
+# --- load tests and serving benchmark (loadtests/) ------------------------------------------
+HOST       ?= http://127.0.0.1:3000
+USERS      ?= 16
+SPAWN_RATE ?= 8
+RUN_TIME   ?= 30s
+BENCH_RUN  ?= runs/bench-serve
+SOAK_TIME  ?= 600
+
+loadtest: $(STAMP)  ## Locust headless against a running service (HOST, USERS, RUN_TIME) -> reports/
+	mkdir -p reports
+	$(BIN)/locust -f loadtests/locustfile.py --headless --host $(HOST) -u $(USERS) \
+	  -r $(SPAWN_RATE) -t $(RUN_TIME) --csv reports/loadtest --html reports/loadtest.html
+
+bench-serve: $(STAMP)  ## ceiling vs service (batching on/off, fp32/int8) vs baseline, one run
+	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) $(BENCH_ARGS)
+
+soak: $(STAMP)  ## steady load for SOAK_TIME s on a fresh service: memory and latency drift
+	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) --prepare-only
+	$(PY) -m loadtests.soak --model $(BENCH_RUN)/export/model.onnx --duration-s $(SOAK_TIME) $(SOAK_ARGS)

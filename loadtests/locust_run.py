@@ -34,6 +34,7 @@ class LoadResult:
     duration_s: float
     loadgen_cpu_pct: float          # load generator CPU use: near 100% means it was the limit
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    exit_code: int | None = None    # Locust exits 1 when any request failed
     csv_prefix: str = ""
     command: str = ""
 
@@ -114,4 +115,5 @@ def run_locust(host: str, users: int, run_time_s: float, csv_prefix: Path, *,
     # Locust spends ~1 s loading photos before the clock starts; the CPU share is over the run.
     result.loadgen_cpu_pct = 100.0 * cpu_seconds / max(elapsed, 1e-9)
     result.command = " ".join(command)
+    result.exit_code = process.returncode
     return result

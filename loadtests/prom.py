@@ -1,7 +1,10 @@
 """Read the few Prometheus figures the benchmark needs from a service's /metrics.
 
-Mean batch size = increase of `bentoml_service_adaptive_batch_size_sum` / increase of its
-`_count` between two scrapes: the batches the model actually ran during one load step.
+Mean batch size = increase of a histogram's `_sum` / increase of its `_count` between two
+scrapes: the batches the model actually ran during one load step. The service's own
+`classifier_model_batch_images` counts images per ONNX Runtime run; BentoML's
+`bentoml_service_adaptive_batch_size` counts calls per batch (a /classify_batch call is one
+call of several images), so it is only the fallback.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import re
 
 import httpx
 
-BATCH_SIZE = "bentoml_service_adaptive_batch_size"
+BATCH_HISTOGRAMS = ("classifier_model_batch_images", "bentoml_service_adaptive_batch_size")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -42,6 +45,9 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
 
 def mean_batch_size(before: dict[str, float], after: dict[str, float]) -> tuple[float, int]:
     """(mean batch size, number of batches) run between two scrapes; nan when none."""
-    batches = after.get(f"{BATCH_SIZE}_count", 0.0) - before.get(f"{BATCH_SIZE}_count", 0.0)
-    items = after.get(f"{BATCH_SIZE}_sum", 0.0) - before.get(f"{BATCH_SIZE}_sum", 0.0)
-    return (items / batches if batches > 0 else math.nan), int(batches)
+    for name in BATCH_HISTOGRAMS:
+        if f"{name}_count" in after:
+            batches = after[f"{name}_count"] - before.get(f"{name}_count", 0.0)
+            items = after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0)
+            return (items / batches if batches > 0 else math.nan), int(batches)
+    return math.nan, 0
