@@ -23,7 +23,7 @@ from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "reports" / "review-screenshots"
-PER_LABEL = 6
+PER_LABEL = 20  # the collector's export splits into 20 folds: a label needs 20 to export
 XSS_TITLE = '<img src=x onerror="document.body.dataset.pwned=1">Size chart'
 
 
@@ -55,7 +55,8 @@ def build_review_manifest(root: Path, catalog: Path, per_label: int = PER_LABEL)
 
     Per label `per_label` real photos from two shops, plus: one exact duplicate (same photo
     twice under 'dress'), one cross-label conflict (a 'shirt' photo also under 't-shirt'),
-    one stored file that is not a JPEG any more, and a title carrying HTML. The collector's own
+    one stored file that is not a JPEG any more, a title carrying HTML, and three photos
+    filed under the wrong label. The collector's own
     dedup pass assigns statuses and groups.
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,15 @@ def build_review_manifest(root: Path, catalog: Path, per_label: int = PER_LABEL)
         xss = add_stored(manifest, root, max((catalog / "hat").glob("*.jpg")), "hat",
                          "https://shop-a.example/img/chart.jpg", shop="shop-a.example",
                          title=XSS_TITLE, product_id="chart")
+        # Mislabelled on purpose, as scraped searches are: the titles tell the truth.
+        mislabelled = []
+        for n, (photo_label, wrong_label) in enumerate([("shoes", "hat"), ("pants", "dress"),
+                                                        ("skirt", "shoes")]):
+            photo = sorted((catalog / photo_label).glob("*.jpg"))[-1 - n]
+            mislabelled.append(add_stored(
+                manifest, root, photo, wrong_label, f"https://shop-b.example/img/wrong{n}.jpg",
+                shop="shop-b.example", title=f"{photo_label.title()} (found under {wrong_label})",
+                product_id=f"wrong-{n}"))
         broken_id = manifest.add_image("https://shop-b.example/img/broken.jpg", "pants",
                                        product_id="broken", product_title="Broken file",
                                        shop="shop-b.example")
@@ -89,7 +99,8 @@ def build_review_manifest(root: Path, catalog: Path, per_label: int = PER_LABEL)
                              fmt="JPEG", sha256=sha, phash="ffffffffffffffff")
         run_dedup(manifest, threshold=4)
     return {"root": root, "manifest": root / MANIFEST_FILE, "labels": labels, "ids": ids,
-            "duplicate": duplicate, "conflict": conflict, "xss": xss, "broken": broken_id}
+            "duplicate": duplicate, "conflict": conflict, "xss": xss, "broken": broken_id,
+            "mislabelled": mislabelled}
 
 
 @pytest.fixture()
