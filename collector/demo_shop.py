@@ -292,6 +292,7 @@ def _handler_for(shop: DemoShop) -> type[BaseHTTPRequestHandler]:
                 pass
 
         def route(self) -> None:
+            shop.hit("GET " + self.path)    # every request counted: tests check retries
             parts = urlsplit(self.path)
             path, query = parts.path, parse_qs(parts.query)
             if path == "/robots.txt":

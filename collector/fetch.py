@@ -95,12 +95,25 @@ class Fetcher:
             timeout=httpx.Timeout(download.read_timeout, connect=download.connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             follow_redirects=True, max_redirects=5)
+        # base, 2x base, 4x base ... capped, plus up to `base` of random jitter
+        self._backoff = wait_exponential_jitter(multiplier=download.backoff_base,
+                                                max=download.backoff_max,
+                                                jitter=download.backoff_base)
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.client.aclose()
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, FetchError) and exc.retry_after is not None:
+            return min(exc.retry_after, self.download.backoff_max)
+        return self._backoff(state)
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.stats["retries"] += 1
 
     def _host(self, url: str) -> _Host:
         key = urlsplit(url).netloc
@@ -141,21 +154,10 @@ class Fetcher:
         max_bytes = max_bytes or self.download.max_bytes
         attempts = 0
 
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, FetchError) and exc.retry_after is not None:
-                return min(exc.retry_after, self.download.backoff_max)
-            return backoff(state)
-
-        backoff = wait_exponential_jitter(initial=self.download.backoff_base,
-                                          max=self.download.backoff_max,
-                                          jitter=self.download.backoff_base)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.download.retries + 1),
             retry=retry_if_exception(lambda e: isinstance(e, FetchError) and e.retryable),
-            wait=wait, reraise=True,
-            before_sleep=lambda state: self.stats.__setitem__("retries",
-                                                              self.stats["retries"] + 1))
+            wait=self._wait, reraise=True, before_sleep=self._count_retry)
         try:
             async for attempt in retrying:
                 with attempt:

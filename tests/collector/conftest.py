@@ -1,0 +1,45 @@
+"""Collector fixtures: a demo shop on 127.0.0.1 with every fault on, and one full crawl of it
+that several tests read (crawling once keeps the area's tests near two minutes)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from collector.config import load_sources
+from collector.crawl import crawl
+from collector.demo_shop import FAULTS, DemoShop, write_sources
+from tests.conftest import DEMO_CATALOG, free_port
+
+
+def start_shop(faults=FAULTS, per_label: int | None = None) -> DemoShop:
+    return DemoShop(DEMO_CATALOG, set(faults), port=free_port(), per_label=per_label).start()
+
+
+@pytest.fixture(scope="session")
+def faulty_shop():
+    shop = start_shop()
+    yield shop
+    shop.stop()
+
+
+@pytest.fixture(scope="session")
+def crawled(faulty_shop, tmp_path_factory) -> Path:
+    """The collection folder of one uninterrupted crawl of the faulty shop."""
+    root = tmp_path_factory.mktemp("crawl-full")
+    sources = write_sources(faulty_shop, root / "sources.yaml", "collected")
+    config = load_sources(sources)
+    asyncio.run(crawl(config))
+    return config.output_dir
+
+
+def rows(collection: Path, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    db = sqlite3.connect(collection / "manifest.sqlite")
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()

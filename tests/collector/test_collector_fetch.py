@@ -1,0 +1,92 @@
+"""The HTTP layer against the demo shop on 127.0.0.1: retries, Retry-After, no retry on 4xx,
+byte cap, timeouts, robots.txt (present, disallowing, unreachable)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from collector.config import Download, Politeness
+from collector.fetch import Fetcher, FetchError
+from tests.collector.conftest import start_shop
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def shop():
+    shop = start_shop()
+    yield shop
+    shop.stop()
+
+
+def product_with(shop, fault: str):
+    return next(p for p in shop.plan.products.values() if fault in p.faults)
+
+
+def fetch(url: str, *, politeness: Politeness | None = None, **download):
+    async def go():
+        async with Fetcher(politeness or Politeness(requests_per_second_per_host=100),
+                           Download(**{"backoff_base": 0.05, **download})) as fetcher:
+            try:
+                return await fetcher.get(url), fetcher
+            except FetchError as exc:
+                return exc, fetcher
+    return asyncio.run(go())
+
+
+def test_collector_retries_a_burst_of_500(shop):
+    path = shop.image_url(product_with(shop, "500"))
+    result, fetcher = fetch(shop.url + path)
+    assert result.status == 200 and result.attempts == 3 and fetcher.stats["retries"] == 2
+    assert result.content[:2] == b"\xff\xd8"
+
+
+def test_collector_honours_retry_after(shop):
+    path = shop.image_url(product_with(shop, "429"))
+    started = time.monotonic()
+    result, _ = fetch(shop.url + path)
+    assert result.status == 200 and result.attempts == 2
+    assert time.monotonic() - started >= 0.95      # waited the server's 1 s, not 0.05 s
+
+
+def test_collector_gives_up_after_retries(shop):
+    path = shop.image_url(product_with(shop, "500")).replace("full", "w200")
+    error, fetcher = fetch(shop.url + path, retries=1)
+    assert isinstance(error, FetchError) and error.reason == "http_500"
+    assert shop.hits["GET " + path] == 2 and fetcher.stats["errors"] == 1
+
+
+def test_collector_no_retry_on_404(shop):
+    path = shop.image_url(product_with(shop, "missing"))
+    error, _ = fetch(shop.url + path)
+    assert isinstance(error, FetchError) and error.http_status == 404
+    assert not error.retryable and shop.hits["GET " + path] == 1
+
+
+def test_collector_byte_cap_aborts_the_stream(shop):
+    path = shop.image_url(next(p for p in shop.plan.products.values() if not p.faults))
+    error, _ = fetch(shop.url + path, max_bytes=2048)
+    assert isinstance(error, FetchError) and error.reason == "too_large"
+    assert shop.hits["GET " + path] == 1
+
+
+def test_collector_read_timeout_is_retried_then_reported(shop):
+    path = shop.image_url(product_with(shop, "slow")).replace("full", "w300")
+    error, _ = fetch(shop.url + path, read_timeout=0.2, retries=1)
+    assert isinstance(error, FetchError) and error.reason == "timeout"
+    assert shop.hits["GET " + path] == 2
+
+
+def test_collector_robots_txt(shop):
+    async def go(politeness, url):
+        async with Fetcher(politeness, Download(retries=0)) as fetcher:
+            return await fetcher.allowed(url)
+
+    polite = Politeness()
+    assert asyncio.run(go(polite, shop.url + "/img/X/full.jpg"))
+    assert not asyncio.run(go(polite, shop.url + "/private/img/X/full.jpg"))
+    assert asyncio.run(go(Politeness(obey_robots=False), shop.url + "/private/img/X/full.jpg"))
+    # RFC 9309: robots.txt unreachable -> assume everything is disallowed
+    assert not asyncio.run(go(polite, f"http://127.0.0.1:{free_port()}/search?q=x"))
