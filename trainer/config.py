@@ -1,0 +1,120 @@
+"""Every training knob in one typed config: defaults and descriptions are what `--help` shows.
+
+The config is printed at the start of a run and saved as `RUN_DIR/config.json`; `--resume`
+reads it back, so a resumed run trains with exactly the knobs it started with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+CONFIG_FILE = "config.json"
+
+
+class TrainConfig(BaseModel):
+    """Fine-tune a pretrained CNN on an ImageFolder tree (one folder per label)."""
+
+    data: Path | None = Field(None, description=(
+        "ImageFolder root: DIR/<label>/*.jpg, or split folders "
+        "DIR/train|val|validation|test/<label>/*.jpg (not needed with --resume)"))
+    out: Path = Field(description="run folder: config, checkpoints, history, report, export")
+
+    # --- model -----------------------------------------------------------------------------
+    arch: str = Field("tf_efficientnet_lite0", description=(
+        "backbone: tf_efficientnet_lite0 (timm, offline ImageNet weights), or torchvision "
+        "mobilenet_v3_large | efficientnet_b0 | resnet50 (ImageNet weights download when "
+        "online)"))
+    weights: str = Field("default", description=(
+        "'default' = the backbone's ImageNet weights; a PATH to a local .pth state dict; "
+        "'none' = random init"))
+    image_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
+    crop_pct: float | None = Field(None, gt=0.3, le=1.0, description=(
+        "evaluation centre crop / resized short side; default: the backbone's own (0.875)"))
+
+    # --- schedule ----------------------------------------------------------------------------
+    epochs: int = Field(6, ge=0, description="full fine-tuning epochs (after the head phase); "
+                                             "0 = train the linear head only")
+    head_epochs: int = Field(30, ge=0, description=(
+        "head-only epochs with the backbone frozen, run on features computed once (cheap)"))
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "adam"] = Field("adamw")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the classifier head")
+    backbone_lr_ratio: float = Field(0.1, ge=0, description=(
+        "backbone peak LR = lr * ratio: pretrained features move slowly"))
+    weight_decay: float = Field(0.02, ge=0)
+    warmup_epochs: float = Field(0.3, ge=0, description="linear LR warm-up of the fine-tuning "
+                                                        "phase, then cosine decay to zero")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    freeze_bn: bool = Field(True, description=(
+        "keep BatchNorm running statistics frozen while fine-tuning (small batches and few "
+        "images make updated statistics worse than ImageNet's)"))
+    frozen_stages: int = Field(3, ge=0, description=(
+        "leading backbone stages (stem first) that stay frozen during fine-tuning: low-level "
+        "features "
+        "transfer as they are, and not back-propagating through the high-resolution stages "
+        "makes each step cheaper"))
+    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+        "exponential moving average of weights (e.g. 0.998); 0 = off"))
+    patience: int = Field(3, ge=1, description="early stopping: epochs without a better "
+                                               "validation macro-F1")
+
+    # --- augmentation ------------------------------------------------------------------------
+    augment: Literal["recipe", "light", "none"] = Field("recipe", description=(
+        "recipe = random resized crop + flip + colour jitter + TrivialAugment; light = crop + "
+        "flip; none = the evaluation transform"))
+    min_crop_scale: float = Field(0.35, gt=0, le=1, description=(
+        "smallest area fraction of a random resized crop (milder crops keep the product in "
+        "view)"))
+    trivial_augment: bool = Field(True, description="TrivialAugmentWide after the crop")
+    color_jitter: float = Field(0.2, ge=0, description="brightness/contrast/saturation jitter")
+
+    # --- data --------------------------------------------------------------------------------
+    balance: Literal["auto", "sampler", "loss", "none"] = Field("auto", description=(
+        "class imbalance: 'auto' = inverse-frequency loss weights when the largest class has "
+        "more than 1.5x the smallest, else none"))
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description=(
+        "share of train held out for validation when DATA has no val/validation split"))
+    min_images_per_class: int = Field(5, ge=2, description="fewer is a clear error")
+    max_train_images: int | None = Field(None, ge=1, description=(
+        "use at most N training images (stratified, fixed seed): quick trials and tests"))
+    max_val_images: int | None = Field(None, ge=1, description="same for validation")
+    cache_images: bool = Field(True, description=(
+        "decode each training photo once and keep it in RAM at the resize size (~0.25 MB "
+        "each at 224 px): decoding is a large part of CPU step time"))
+    workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = main process; "
+                                              "on a 2-core CPU workers steal compute)")
+
+    # --- run ---------------------------------------------------------------------------------
+    seed: int = Field(0)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    channels_last: bool = Field(True, description="NHWC memory layout: faster convs on CPU")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description=(
+        "cut each fine-tuning epoch after N steps (tests and quick trials)"))
+    eval_batch_size: int = Field(64, ge=1)
+    resume: bool = Field(False, description="continue the run in OUT from its last checkpoint")
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> TrainConfig:
+        if self.data is None and not self.resume:
+            raise ValueError("--data DIR is required (an ImageFolder tree)")
+        if self.epochs == 0 and self.head_epochs == 0:
+            raise ValueError("epochs and head_epochs are both 0: nothing to train")
+        return self
+
+
+def save_config(config: TrainConfig, run_dir: Path) -> Path:
+    path = run_dir / CONFIG_FILE
+    path.write_text(config.model_dump_json(indent=2))
+    return path
+
+
+def load_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder made by "
+                                "`trainer train`?")
+    return TrainConfig.model_validate_json(path.read_text())

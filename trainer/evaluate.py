@@ -1,0 +1,216 @@
+"""A run's best model, judged honestly: metrics, plots and MODEL_CARD.md in RUN_DIR/report.
+
+Photos go through `service.contract.load_and_preprocess`, so these are the numbers the
+service will show. Plots are PNGs because people would rather look than read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+from service.contract import decode_image, softmax
+from trainer.data import EvalImages, Sample, Skipped, discover
+from trainer.runs import RunDir, atomic_write_json, load_trained
+
+
+def eval_samples(run: RunDir, labels: list[str], data: Path | None) -> tuple[list[Sample], str]:
+    """The run's own validation files, or another folder's test/ (else val/, else all)."""
+    if data is None:
+        info = json.loads(run.dataset.read_text())
+        return [Sample(Path(p), label) for p, label in info["val_samples"]], info["val_source"]
+    splits = discover(data, min_images_per_class=1, val_fraction=0.15)
+    if splits.labels != labels and not set(splits.labels) <= set(labels):
+        raise ValueError(f"{data} has labels {splits.labels}; the model knows {labels}")
+    remap = {i: labels.index(name) for i, name in enumerate(splits.labels)}
+    if splits.test:
+        chosen, source = splits.test, f"{data}/test"
+    elif (Path(data) / "train").is_dir():
+        chosen, source = splits.val, f"{data} validation split"
+    else:
+        chosen, source = splits.train + splits.val, f"every image in {data}"
+    return [Sample(s.path, remap[s.label]) for s in chosen], source
+
+
+def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = None) -> dict:
+    console = console or Console()
+    run = RunDir(Path(run_dir))
+    model, contract, checkpoint = load_trained(run.root)
+    labels = contract.labels
+    samples, source = eval_samples(run, labels, data)
+    skipped = Skipped()
+    images = EvalImages(samples, contract, skipped, description="evaluation photos")
+    with torch.no_grad():
+        logits = torch.cat([model(images.tensor[i:i + 64])
+                            for i in range(0, len(images), 64)]).numpy()
+    probs = softmax(logits)
+    truth, predicted = images.labels.numpy(), probs.argmax(1)
+    classes = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=classes, zero_division=0)
+    matrix = confusion_matrix(truth, predicted, labels=classes)
+    metrics = {
+        "evaluated_on": source, "images": len(truth), "skipped": len(skipped),
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "macro_f1": float(f1_score(truth, predicted, labels=classes, average="macro",
+                                   zero_division=0)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                             "f1": float(f1[i]), "support": int(support[i])}
+                      for i, name in enumerate(labels)},
+        "best_epoch": checkpoint.get("metrics", {}),
+    }
+    out = run.report
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "confusion_matrix.json", {"labels": labels, "rows_true_cols_predicted":
+                                                      matrix.tolist()})
+    plot_confusion(matrix, labels, out / "confusion_matrix.png")
+    history = json.loads(run.history.read_text()) if run.history.is_file() else []
+    plot_curves(history, out / "curves.png")
+    mistakes = worst_mistakes(images.samples, probs, truth, labels)
+    plot_mistakes(mistakes, out / "worst_mistakes.png")
+    write_model_card(run, contract, metrics, history, mistakes)
+    print_table(console, metrics, labels)
+    console.print(f"report: {out}/ (metrics.json, confusion_matrix.png, curves.png, "
+                  "worst_mistakes.png, MODEL_CARD.md)")
+    return metrics
+
+
+def print_table(console: Console, metrics: dict, labels: list[str]) -> None:
+    table = Table(title=f"{metrics['evaluated_on']}: accuracy {metrics['accuracy']:.4f}, "
+                        f"macro-F1 {metrics['macro_f1']:.4f} ({metrics['images']} images)")
+    for column in ("label", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for name in labels:
+        row = metrics["per_class"][name]
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
+    console.print(table)
+
+
+def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> None:
+    size = max(5, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = matrix.max() or 1
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if matrix[i, j]:
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > peak / 2 else "black")
+    ax.set_title("confusion matrix (rows: true label)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [row["epoch"] for row in history]
+    train_rows = [row for row in history if row.get("train_loss") is not None]
+    left.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation loss")
+    left.plot([r["epoch"] for r in train_rows], [r["train_loss"] for r in train_rows], "o-",
+              label="train loss (augmented, smoothed labels)")
+    left.set_xlabel("epoch (0 = head-only phase)")
+    left.legend()
+    right.plot(epochs, [row["val_acc"] for row in history], "o-", label="validation accuracy")
+    right.plot(epochs, [row["val_macro_f1"] for row in history], "o-", label="validation macro-F1")
+    right.set_xlabel("epoch (0 = head-only phase)")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def worst_mistakes(samples: list[Sample], probs: np.ndarray, truth: np.ndarray,
+                   labels: list[str], limit: int = 16) -> list[dict]:
+    """Wrong predictions, most confident first: the ones a user should look at."""
+    wrong = np.flatnonzero(probs.argmax(1) != truth)
+    wrong = wrong[np.argsort(-probs[wrong].max(1))][:limit]
+    return [{"path": str(samples[i].path), "true": labels[truth[i]],
+             "predicted": labels[int(probs[i].argmax())], "confidence": float(probs[i].max())}
+            for i in wrong]
+
+
+def plot_mistakes(mistakes: list[dict], path: Path) -> None:
+    columns = 4
+    rows = max(1, -(-len(mistakes) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, mistake in zip(axes.flat, mistakes):
+        image = decode_image(Path(mistake["path"]).read_bytes(), draft_size=256)
+        image.thumbnail((256, 256))
+        ax.imshow(image)
+        ax.set_title(f"true {mistake['true']}\npredicted {mistake['predicted']} "
+                     f"({mistake['confidence']:.0%})", fontsize=9)
+    if not mistakes:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center")
+    fig.suptitle("most confident mistakes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_model_card(run: RunDir, contract, metrics: dict, history: list[dict],
+                     mistakes: list[dict]) -> Path:
+    info = json.loads(run.dataset.read_text())
+    config = json.loads(run.config.read_text())
+    best = metrics["best_epoch"]
+    lines = [
+        f"# Model card: {contract.name} {contract.version}", "",
+        f"Fine-tuned **{contract.architecture}** classifier for {len(contract.labels)} product "
+        f"labels, input {contract.input_size} px (centre crop {contract.crop_pct}), "
+        f"mean {list(contract.mean)}, std {list(contract.std)}.", "",
+        "## Results", "",
+        f"Evaluated on {metrics['evaluated_on']} ({metrics['images']} images, "
+        f"{metrics['skipped']} unreadable skipped) through the service's own preprocessing:", "",
+        f"- accuracy **{metrics['accuracy']:.4f}**",
+        f"- macro-F1 **{metrics['macro_f1']:.4f}**",
+        f"- selected: epoch {best.get('epoch')} ({best.get('phase')}) by validation macro-F1; "
+        f"training wall time {history[-1]['wall_s'] if history else '?'} s", "",
+        "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|",
+        *[f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+          for name, m in metrics["per_class"].items()], "",
+        "![confusion matrix](confusion_matrix.png)", "", "![training curves](curves.png)", "",
+        "![most confident mistakes](worst_mistakes.png)", "",
+        "## Data", "",
+        f"Validation: {info['val_source']}. Skipped as unreadable: {len(info['skipped'])}.", "",
+        "| label | train | val |", "|---|---:|---:|",
+        *[f"| {name} | {info['used']['train'].get(name, 0)} | {info['used']['val'].get(name, 0)} |"
+          for name in contract.labels], "",
+        "## Training history", "",
+        "| epoch | phase | train loss | val loss | val acc | val macro-F1 | wall s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        *[f"| {r['epoch']} | {r['phase']} | {r['train_loss'] if r['train_loss'] is not None else ''}"
+          f" | {r['val_loss']:.3f} | {r['val_acc']:.4f} | {r['val_macro_f1']:.4f} | {r['wall_s']} |"
+          for r in history], "",
+        "## Known weak spots", "",
+        *([f"- `{Path(m['path']).name}`: {m['true']} predicted as {m['predicted']} "
+           f"({m['confidence']:.0%})" for m in mistakes[:5]] or ["- no mistakes on this set"]), "",
+        "## Config", "", "```json", json.dumps(config, indent=2), "```", "",
+    ]
+    path = run.report / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path

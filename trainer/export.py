@@ -1,0 +1,239 @@
+"""Trained run -> verified ONNX file (contract in its metadata) -> BentoML model store.
+
+Verification, in order: the ONNX model's logits match torch's on real validation photos
+(max abs difference, identical top-1), and its validation accuracy equals torch's. With
+--int8 a static QDQ per-channel copy is calibrated on training photos and reported with its
+speed and accuracy change. Exporter: torch.onnx's dynamo exporter by default; measured here
+its Lite0 graph ran 1.5-1.9x faster in ONNX Runtime than the TorchScript exporter's (which
+keeps timm's dynamic 'same' padding as ~500 shape ops); TorchScript is the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from rich.console import Console
+
+from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
+from trainer.data import EvalImages, Sample, Skipped
+from trainer.runs import RunDir, atomic_write_json, load_trained
+
+log = logging.getLogger("trainer")
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+
+
+class ParityError(RuntimeError):
+    """The exported model does not compute what the trained model computes."""
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    int8_path: Path | None
+    tag: str | None
+    report: dict
+
+
+def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
+                exporter: str = "dynamo") -> str:
+    """Write model to path with a dynamic batch axis and the contract in metadata_props.
+    Returns the exporter actually used."""
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(2, 3, contract.input_size, contract.input_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    used = exporter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            try:
+                torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
+                                  output_names=[ONNX_OUTPUT], dynamo=True, optimize=True,
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                                  verbose=False)
+            except Exception as exc:  # an op the dynamo exporter cannot trace yet
+                log.warning("dynamo exporter failed (%s); falling back to TorchScript", exc)
+                used = "torchscript"
+        if used == "torchscript":
+            torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
+                              output_names=[ONNX_OUTPUT], dynamo=False, opset_version=17,
+                              dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
+    proto = onnx.load(str(path))  # one file: weights inlined, metadata added
+    proto.ir_version = min(proto.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
+    del proto.metadata_props[:]
+    for key, value in contract.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    for leftover in path.parent.glob(path.name + ".data"):
+        leftover.unlink()
+    onnx.save(proto, str(path))
+    return used
+
+
+def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    out = [sess.run([ONNX_OUTPUT], {ONNX_INPUT: images[i:i + batch_size]})[0]
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(torch.from_numpy(images[i:i + batch_size]))
+                      for i in range(0, len(images), batch_size)]).numpy()
+
+
+def images_per_second(sess: ort.InferenceSession, images: np.ndarray, batch_size: int,
+                      repeats: int = 5) -> float:
+    """Median throughput over repeats (timings on a shared machine are noisy)."""
+    batch = images[:batch_size]
+    sess.run(None, {ONNX_INPUT: batch})  # warm-up
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, {ONNX_INPUT: batch})
+        rates.append(len(batch) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+class _Calibration:
+    """onnxruntime.quantization.CalibrationDataReader over preprocessed training photos."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16):
+        self.batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {ONNX_INPUT: batch}
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    """Static QDQ, per-channel int8 weights, uint8 activations calibrated on real photos.
+    (Dynamic quantization was measured 4-14x slower than fp32 for this CNN.)"""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = int8_path.with_name("model.prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(int8_path), _Calibration(calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    prepared.unlink(missing_ok=True)
+    proto = onnx.load(str(int8_path))  # quantize_static keeps metadata_props; make sure
+    if not any(p.key == "version" for p in proto.metadata_props):
+        for key, value in ModelContract.from_metadata(
+                {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
+        ).to_metadata().items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(int8_path))
+
+
+def run_samples(run: RunDir, split: str) -> list[Sample]:
+    """The exact files a run validated (or trained) on, from dataset.json."""
+    import json
+
+    info = json.loads(run.dataset.read_text())
+    return [Sample(Path(p), label) for p, label in info[f"{split}_samples"]]
+
+
+def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier",
+           save: bool = True, exporter: str = "dynamo", parity_images: int = 32,
+           calibration_images: int = 200, tolerance: float = 1e-3,
+           console: Console | None = None) -> ExportResult:
+    console = console or Console()
+    run = RunDir(Path(run_dir))
+    model, contract, checkpoint = load_trained(run.root)
+    out = run.export
+    fp32_path = out / FP32_FILE
+    t0 = time.perf_counter()
+    used = export_onnx(model, contract, fp32_path, exporter)
+    console.print(f"exported {fp32_path} ({used} exporter, {time.perf_counter() - t0:.0f}s, "
+                  f"{fp32_path.stat().st_size / 1e6:.1f} MB)")
+
+    # The validation photos through the service's own preprocessing.
+    skipped = Skipped()
+    val = EvalImages(run_samples(run, "val"), contract, skipped)
+    images, labels = val.tensor.numpy(), val.labels.numpy()
+    sess = session(fp32_path)
+    ours, theirs = onnx_logits(sess, images), torch_logits(model, images)
+    parity = images[:parity_images]
+    max_diff = float(np.abs(ours[:len(parity)] - theirs[:len(parity)]).max())
+    top1_same = bool((ours[:len(parity)].argmax(1) == theirs[:len(parity)].argmax(1)).all())
+    acc_onnx = float((ours.argmax(1) == labels).mean())
+    acc_torch = float((theirs.argmax(1) == labels).mean())
+    report = {"exporter": used, "onnx_file": str(fp32_path), "contract": contract.model_dump(),
+              "parity": {"images": len(parity), "max_abs_logit_diff": max_diff,
+                         "top1_identical": top1_same, "tolerance": tolerance},
+              "val_images": len(labels), "val_acc_torch": acc_torch, "val_acc_onnx": acc_onnx,
+              "train_metrics": checkpoint.get("metrics", {})}
+    console.print(f"parity on {len(parity)} real photos: max |logit diff| {max_diff:.2e}, "
+                  f"top-1 identical: {top1_same}; val accuracy torch {acc_torch:.4f} "
+                  f"onnx {acc_onnx:.4f} ({len(labels)} photos)")
+    if max_diff > tolerance or not top1_same or acc_onnx != acc_torch:
+        atomic_write_json(out / "export.json", report)
+        raise ParityError(f"ONNX export disagrees with torch: {report['parity']}, val accuracy "
+                          f"{acc_onnx} vs {acc_torch}; see {out / 'export.json'}")
+
+    batch = min(16, len(images))
+    report["fp32_images_per_s_batch16"] = round(images_per_second(sess, images, batch), 1)
+    int8_path = None
+    if int8:
+        int8_path = out / INT8_FILE
+        train_samples = run_samples(run, "train")
+        rng = np.random.default_rng(0)
+        pick = rng.choice(len(train_samples), min(calibration_images, len(train_samples)),
+                          replace=False)
+        calib = EvalImages([train_samples[i] for i in sorted(pick)], contract, skipped,
+                           description="calibration photos").tensor.numpy()
+        t0 = time.perf_counter()
+        quantize_int8(fp32_path, int8_path, calib)
+        sess8 = session(int8_path)
+        acc_int8 = float((onnx_logits(sess8, images).argmax(1) == labels).mean())
+        # Side by side, interleaved: the machine's load changes from minute to minute.
+        fp32_rates, int8_rates = [], []
+        for _ in range(3):
+            fp32_rates.append(images_per_second(sess, images, batch, repeats=3))
+            int8_rates.append(images_per_second(sess8, images, batch, repeats=3))
+        fp32_rate, int8_rate = statistics.median(fp32_rates), statistics.median(int8_rates)
+        report["int8"] = {"file": str(int8_path), "calibration_images": len(calib),
+                          "val_acc": acc_int8, "val_acc_change": acc_int8 - acc_onnx,
+                          "images_per_s_batch16": round(int8_rate, 1),
+                          "fp32_images_per_s_batch16": round(fp32_rate, 1),
+                          "speedup": round(int8_rate / fp32_rate, 2),
+                          "quantize_s": round(time.perf_counter() - t0, 1)}
+        console.print(f"int8: val accuracy {acc_int8:.4f} ({acc_int8 - acc_onnx:+.4f}), "
+                      f"{int8_rate:.0f} vs {fp32_rate:.0f} images/s fp32 at batch {batch} "
+                      f"({int8_rate / fp32_rate:.2f}x)")
+
+    tag = None
+    if save:
+        from service.model_store import save_to_store
+
+        extras = [p for p in (int8_path, run.report / "MODEL_CARD.md") if p and p.is_file()]
+        metrics = {"val_acc": acc_onnx, "val_macro_f1": checkpoint["metrics"].get("val_macro_f1"),
+                   "val_images": len(labels), "max_abs_logit_diff": max_diff}
+        if int8:
+            metrics["int8_val_acc"] = report["int8"]["val_acc"]
+        tag = save_to_store(fp32_path, name=name, metrics=metrics, extra_files=extras)
+        report["bentoml_tag"] = tag
+        console.print(f"saved to the BentoML model store as [bold]{tag}[/]")
+    atomic_write_json(out / "export.json", report)
+    return ExportResult(fp32_path, int8_path, tag, report)

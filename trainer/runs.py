@@ -1,0 +1,92 @@
+"""The run folder: where each file lives, atomic writes, and loading the trained model back.
+
+RUN_DIR/
+  config.json            every knob of the run (TrainConfig)
+  dataset.json           labels, counts per split, where validation came from, skipped files
+  history.json           one row per epoch: loss, accuracy, macro-F1, LR, images/s, wall time
+  checkpoints/last.pt    everything --resume needs (model, optimizer, schedule, RNG, history)
+  checkpoints/best.pt    the best model by validation macro-F1, with its contract
+  report/                written by `trainer evaluate` (metrics, plots, MODEL_CARD.md)
+  export/                written by `trainer export` (model.onnx, model.int8.onnx, export.json)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.contract import ModelContract
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "dataset.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """write(file) into a temporary sibling, fsync, then rename: a kill -9 at any moment
+    leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    data = json.dumps(obj, indent=2, default=str).encode()
+    atomic_write_bytes(path, lambda handle: handle.write(data))
+
+
+def load_trained(run_dir: Path, which: str = "best"):
+    """(model in eval mode, contract, checkpoint dict) from a run folder."""
+    from trainer.models import build_model
+
+    run = RunDir(Path(run_dir))
+    path = run.best if which == "best" else run.last
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train first with "
+                                f"`trainer train --data DIR --out {run_dir}`")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    contract = ModelContract.model_validate(checkpoint["contract"])
+    model = build_model(contract.architecture, len(contract.labels), weights="none")
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), contract, checkpoint
