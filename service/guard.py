@@ -3,8 +3,10 @@
 BentoML parses multipart bodies itself and answers some malformed ones with a 500 (a binary part
 under an unexpected field name is fed to `json.loads` -> UnicodeDecodeError), and fetches any
 URL sent as text in a file field. This guard checks the body once before BentoML sees it: byte
-limits (413), field names and kinds, the number of images (400), and it adds Retry-After to the
-429/503 answers of an overloaded server so that clients back off instead of piling up.
+limits (413), field names and kinds, the number of images (400). It also sheds load: past
+`max_concurrency` requests in flight it answers 429 at once, and it adds Retry-After to every
+429/503 so that clients back off instead of piling up. (BentoML's own `max_concurrency` answers
+429 from a middleware outside this one, where no Retry-After can be added.)
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ async def send_error(send, status: int, reason: str, message: str,
 
 class RequestGuard:
     def __init__(self, app, *, routes: dict[str, ImageRoute], max_image_bytes: int,
-                 retry_after_s: int):
+                 max_concurrency: int, retry_after_s: int):
         self.app = app
         self.routes = routes
         self.max_image_bytes = max_image_bytes
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0  # one event loop per worker: a plain counter is enough
         self.retry_after = str(retry_after_s).encode()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -58,12 +62,19 @@ class RequestGuard:
         route = self.routes.get(scope["path"].rstrip("/") or "/")
         if route is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_concurrency:
+            return await send_error(send, 429, "too_many_requests",
+                                    f"{self.in_flight} requests in flight, the limit is "
+                                    f"{self.max_concurrency}; retry shortly")
+        self.in_flight += 1
         try:
             body = await self._read_body(scope, receive, route)
             await self._check_form(scope, body, route)
+            await self.app(scope, _replay(body, receive), send)
         except GuardError as error:
-            return await send_error(send, error.status, error.reason, error.message)
-        await self.app(scope, _replay(body, receive), send)
+            await send_error(send, error.status, error.reason, error.message)
+        finally:
+            self.in_flight -= 1
 
     def _with_retry_after(self, send):
         async def send_with_retry_after(message) -> None:

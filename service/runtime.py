@@ -62,5 +62,12 @@ def check_io(session: ort.InferenceSession, contract: ModelContract) -> None:
                             "dynamic batch axis so requests can be batched")
 
 
+def check_model_file(onnx_path: Path, contract: ModelContract) -> None:
+    """`check_io` on an unoptimised session: cheap enough to run before anything starts."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    check_io(ort.InferenceSession(str(onnx_path), options, providers=[CPU]), contract)
+
+
 def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     return session.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)})[0]

@@ -22,16 +22,25 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 
 from service.batching import install_fixed_batch_window
-from service.contract import ImageDecodeError, load_and_preprocess, softmax
+from service.contract import ContractError, ImageDecodeError, load_and_preprocess, softmax
 from service.guard import ImageRoute, RequestGuard
 from service.model_store import resolve_model
-from service.runtime import check_io, create_session, run_logits
+from service.runtime import check_model_file, create_session, run_logits
 from service.schemas import BatchPrediction, LabelScore, ModelCard, ModelRef, Prediction
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("product_classifier.service")
 settings = ServiceSettings()
 install_fixed_batch_window(settings.batch_wait_ms)
+
+# Checked at import, i.e. in `bentoml serve` itself before any worker starts: a model without a
+# usable contract stops start-up with this message (raised in a worker, BentoML would respawn it
+# forever).
+try:
+    MODEL = resolve_model(settings.model_tag)
+    check_model_file(MODEL.onnx_path, MODEL.contract)
+except ContractError as error:
+    raise SystemExit(f"cannot serve MODEL_TAG={settings.model_tag!r}: {error}") from None
 
 UNREADABLE = "not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)"
 MIN_SCORE = Field(None, ge=0.0, le=1.0,
@@ -60,11 +69,9 @@ class OnnxModel:
     """ONNX Runtime on batches of preprocessed images; loaded once per worker."""
 
     def __init__(self) -> None:
-        self.model = resolve_model(settings.model_tag)
-        self.session = create_session(self.model.onnx_path, threads=settings.ort_threads,
+        self.session = create_session(MODEL.onnx_path, threads=settings.ort_threads,
                                       device=settings.device)
-        check_io(self.session, self.model.contract)
-        size = self.model.contract.input_size
+        size = MODEL.contract.input_size
         run_logits(self.session, np.zeros((1, 3, size, size), np.float32))  # first run is slow
 
     @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
@@ -78,8 +85,7 @@ model_app = FastAPI(title="model card", docs_url=None, redoc_url=None, openapi_u
 
 
 @bentoml.service(name="product-classifier", workers=settings.api_workers,
-                 traffic={"timeout": settings.timeout_s,
-                          "max_concurrency": settings.max_concurrency})
+                 traffic={"timeout": settings.timeout_s})
 @bentoml.asgi_app(model_app, path="/")
 class ProductClassifier:
     """Product photo -> label, score and top-k, with the model's own preprocessing."""
@@ -87,8 +93,7 @@ class ProductClassifier:
     model = bentoml.depends(OnnxModel)
 
     def __init__(self) -> None:
-        self.resolved = resolve_model(settings.model_tag)
-        self.contract = self.resolved.contract
+        self.contract = MODEL.contract
         self.model_ref = ModelRef(name=self.contract.name, version=self.contract.version)
         self.top_k = min(settings.top_k, len(self.contract.labels))
 
@@ -109,9 +114,9 @@ class ProductClassifier:
     def model_card(self) -> ModelCard:
         """Labels, version and evaluation metrics of the served model."""
         contract = self.contract
-        return ModelCard(name=contract.name, version=contract.version, tag=self.resolved.tag,
+        return ModelCard(name=contract.name, version=contract.version, tag=MODEL.tag,
                          architecture=contract.architecture or "unknown", labels=contract.labels,
-                         input_size=contract.input_size, metrics=self.resolved.metrics)
+                         input_size=contract.input_size, metrics=MODEL.metrics)
 
     async def _classify(self, paths: list[Path],
                         min_score: float | None) -> list[Prediction] | JSONResponse:
@@ -164,4 +169,5 @@ def _image_routes(service) -> dict[str, ImageRoute]:
 
 ProductClassifier.add_asgi_middleware(
     RequestGuard, routes=_image_routes(ProductClassifier),
-    max_image_bytes=settings.max_image_bytes, retry_after_s=settings.retry_after_s)
+    max_image_bytes=settings.max_image_bytes, max_concurrency=settings.max_concurrency,
+    retry_after_s=settings.retry_after_s)

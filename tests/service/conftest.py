@@ -23,8 +23,13 @@ LABELS = ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "s
 INPUT_SIZE = 64
 
 
-def build_tiny_cnn(path: Path, contract: ModelContract, seed: int = 0) -> Path:
-    """Conv(3->8, 3x3, stride 2) -> ReLU -> global average pool -> Gemm(8->C), dynamic batch."""
+def build_tiny_cnn(path: Path, contract: ModelContract, seed: int = 0,
+                   slow_layers: int = 0) -> Path:
+    """Conv(3->8, 3x3, stride 2) -> ReLU -> global average pool -> Gemm(8->C), dynamic batch.
+
+    `slow_layers` adds that many 512x512 MatMuls (one shared weight) to make inference take
+    tens of ms, for overload tests.
+    """
     rng = np.random.default_rng(seed)
     classes = len(contract.labels)
     weights = [
@@ -41,6 +46,17 @@ def build_tiny_cnn(path: Path, contract: ModelContract, seed: int = 0) -> Path:
         helper.make_node("Flatten", ["pool"], ["flat"]),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [ONNX_OUTPUT]),
     ]
+    if slow_layers:
+        weights += [
+            numpy_helper.from_array(rng.normal(0, 0.3, (8, 512)).astype(np.float32), "up_w"),
+            numpy_helper.from_array(np.eye(512, dtype=np.float32) * 0.99, "slow_w"),
+            numpy_helper.from_array(rng.normal(0, 0.3, (512, 8)).astype(np.float32), "down_w")]
+        chain = [helper.make_node("MatMul", ["flat", "up_w"], ["slow0"])]
+        chain += [helper.make_node("MatMul", [f"slow{i}", "slow_w"], [f"slow{i + 1}"])
+                  for i in range(slow_layers)]
+        chain += [helper.make_node("MatMul", [f"slow{slow_layers}", "down_w"], ["slow_out"])]
+        nodes = nodes[:4] + chain + [
+            helper.make_node("Gemm", ["slow_out", "fc_w", "fc_b"], [ONNX_OUTPUT])]
     size = contract.input_size
     graph = helper.make_graph(
         nodes, "tiny_cnn",

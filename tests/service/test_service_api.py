@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.contract import ModelContract, load_and_preprocess, softmax
+from service.contract import load_and_preprocess, softmax
 from tests.service.conftest import LABELS, SERVER_ENV, tiny_contract
 
 MAX_IMAGE_BYTES = int(SERVER_ENV["CLASSIFIER_MAX_IMAGE_BYTES"])
