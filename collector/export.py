@@ -51,7 +51,8 @@ def assign_splits(labels: list[str], groups: list[int], val: float, test: float,
         raise ValueError(f"val ({val}) + test ({test}) leave nothing to train on")
     if not labels:
         return []
-    n_splits = min(_FOLDS, len(set(groups)))
+    # sklearn needs at least one class with n_splits members (tiny datasets get coarser steps)
+    n_splits = min(_FOLDS, len(set(groups)), max(Counter(labels).values()))
     fold_of = np.zeros(len(labels), dtype=int)
     if n_splits >= 2:
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -80,7 +81,13 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace")
-    rows = manifest.exportable_images()
+    rows, seen = [], set()
+    for row in manifest.exportable_images():
+        # An approved exact copy under the same label would be the same file twice: once.
+        key = (row["effective_label"], row["sha256"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
     labels = [r["effective_label"] for r in rows]
     groups = [r["group_id"] if r["group_id"] is not None else -r["id"] for r in rows]
     splits = assign_splits(labels, groups, val, test, seed)

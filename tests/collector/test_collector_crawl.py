@@ -49,7 +49,7 @@ def test_collector_faults_are_met_and_handled(crawled, faulty_shop):
 
 def test_collector_retries_follow_the_rules(crawled, faulty_shop):
     hits = faulty_shop.hits
-    for pid, product in faulty_shop.plan.products.items():
+    for product in faulty_shop.plan.products.values():
         path = faulty_shop.image_url(product)
         if "500" in product.faults:
             assert hits["GET " + path] == 3          # a burst of two 500s, then the photo

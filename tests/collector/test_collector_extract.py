@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from collector.config import SiteProfile, load_sources
-from collector.extract import (extract_listing, extract_product_image, largest_candidate,
-                               parse_srcset, resolve_url)
+from collector.extract import (
+    extract_listing,
+    extract_product_image,
+    largest_candidate,
+    parse_srcset,
+    resolve_url,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -13,7 +13,7 @@ from collector.validate import validate_image
 from service.contract import ImageDecodeError
 from tests.conftest import DEMO_CATALOG
 
-PHOTO = sorted((DEMO_CATALOG / "shirt").glob("*.jpg"))[0].read_bytes()
+PHOTO = min((DEMO_CATALOG / "shirt").glob("*.jpg")).read_bytes()
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -51,7 +51,7 @@ def test_collector_near_duplicate_phash_is_close():
     smaller = image.resize((image.width * 9 // 10, image.height * 9 // 10))
     out = io.BytesIO()
     smaller.save(out, "JPEG", quality=60)
-    other = sorted((DEMO_CATALOG / "pants").glob("*.jpg"))[0].read_bytes()
+    other = min((DEMO_CATALOG / "pants").glob("*.jpg")).read_bytes()
     hashes = [validate_image(d, Validation()) for d in (PHOTO, out.getvalue(), other)]
     groups = cluster([h.sha256 for h in hashes], [h.phash for h in hashes], threshold=6)
     assert groups[0] == groups[1] != groups[2]

@@ -1,0 +1,81 @@
+"""kill -9 in the middle of a crawl, run the same command again: the same images, no
+duplicate rows, no partial files, as an uninterrupted crawl of the same shop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from collector.demo_shop import write_sources
+from tests.collector.conftest import rows, start_shop
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def outcome(collection: Path) -> set[tuple]:
+    """What a crawl ended with, independent of host:port, row ids and timing."""
+    return {(r["label"], r["product_id"], urlsplit(r["url"]).path, r["status"], r["reason"],
+             r["sha256"], r["path"])
+            for r in rows(collection, "SELECT * FROM images")}
+
+
+def stored_count(manifest: Path) -> int:
+    if not manifest.exists():
+        return 0
+    db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM images WHERE status != 'pending'").fetchone()[0]
+    except sqlite3.OperationalError:      # schema not created yet
+        return 0
+    finally:
+        db.close()
+
+
+def crawl_command(sources: Path) -> list[str]:
+    return [sys.executable, "-m", "collector", "crawl", str(sources)]
+
+
+def test_collector_kill_9_midway_then_resume(crawled, tmp_path):
+    shop = start_shop()            # a fresh shop: the resumed crawl meets every fault too
+    try:
+        sources = write_sources(shop, tmp_path / "sources.yaml", "collected")
+        manifest = tmp_path / "collected" / "manifest.sqlite"
+        proc = subprocess.Popen(crawl_command(sources), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(1200):          # bounded: at most ~120 s of polling
+                if proc.poll() is not None or stored_count(manifest) >= 80:
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, "the crawl ended before it could be killed"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        killed_at = stored_count(manifest)
+        pending = rows(tmp_path / "collected",
+                       "SELECT (SELECT COUNT(*) FROM images WHERE status = 'pending') + "
+                       "(SELECT COUNT(*) FROM pages WHERE status = 'pending') AS n")[0]["n"]
+        assert pending > 0 or killed_at < 300, "nothing was left to resume"
+
+        again = subprocess.run(crawl_command(sources), check=False, cwd=REPO,
+                               capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+    finally:
+        shop.stop()
+
+    resumed = tmp_path / "collected"
+    assert outcome(resumed) == outcome(crawled)
+    assert not rows(resumed, "SELECT id FROM images WHERE status = 'pending'")
+    assert not list(resumed.rglob("*.tmp"))
+    files = {p.relative_to(resumed).as_posix() for p in (resumed / "images").rglob("*.*")}
+    assert files == {r["path"] for r in rows(resumed, "SELECT path FROM images "
+                                                      "WHERE path IS NOT NULL")}
