@@ -64,6 +64,7 @@ NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 1e9}
 
 
 @bentoml.service(name="onnx-model", workers=settings.model_workers,
+                 **({"resources": {"gpu": settings.gpus}} if settings.gpus else {}),
                  traffic={"timeout": settings.timeout_s}, runner_connection=NEVER_RECYCLE)
 class OnnxModel:
     """ONNX Runtime on batches of preprocessed images; loaded once per worker."""

@@ -25,6 +25,8 @@ class ServiceSettings(BaseSettings):
         description="BentoML model tag, or a path to an exported .onnx file")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")
+    gpus: int = Field(0, ge=0, description="GPUs the model service asks BentoML for "
+                      "(resources: gpu); bentofile.gpu.yaml sets 1")
     ort_threads: int = Field(
         2, ge=1, description="ONNX Runtime intra-op threads per model worker (it would otherwise "
         "size its pool to the whole host and fight the other workers)")

@@ -84,15 +84,16 @@ def tiny_onnx(tmp_path_factory) -> Path:
 class Server:
     """A `bentoml serve` subprocess on 127.0.0.1 with its log kept for failing tests."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path,
+                 target: str = "service.service:ProductClassifier", cwd: Path = REPO):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:ProductClassifier",
+            [sys.executable, "-m", "bentoml", "serve", target,
              "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=cwd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
