@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_FOLDS = 5
+PCA_DIMS = 256
 
 
 @dataclass
@@ -35,10 +36,10 @@ class LabelIssues:
 def out_of_sample_probs(features: np.ndarray, labels: list[str], folds: int = DEFAULT_FOLDS,
                         seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """[N, C] probabilities, each row from a model trained on the other folds."""
+    from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     classes = sorted(set(labels))
     if len(classes) < 2:
@@ -50,17 +51,22 @@ def out_of_sample_probs(features: np.ndarray, labels: list[str], folds: int = DE
     n_splits = int(max(2, min(folds, np.sort(counts)[len(counts) // 2], len(y) // 2)))
     probs = np.zeros((len(y), len(classes)), dtype=np.float64)
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
+    # Measured on the demo catalog (300 photos, 15 flipped labels): PCA to 256 dims (fit
+    # without labels, so nothing leaks across folds) and one BLAS thread found the same
+    # flipped labels as the full 1280-d fit, 7x faster; on the shared 2-core machine
+    # multi-threaded BLAS made it 50x slower. Features are L2-normalised, so x10 brings them
+    # to the scale where the default C=1 regularises well.
+    with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only N members"
-        for train_idx, test_idx in splitter.split(features, y):
-            model = make_pipeline(StandardScaler(),
-                                  LogisticRegression(C=0.1, max_iter=300))
+        dims = min(PCA_DIMS, features.shape[1], len(y) - 1)
+        reduced = PCA(dims, random_state=seed).fit_transform(features) * 10.0
+        for train_idx, test_idx in splitter.split(reduced, y):
             train_y = y[train_idx]
             if len(np.unique(train_y)) < 2:
                 probs[test_idx] = 1.0 / len(classes)
                 continue
-            model.fit(features[train_idx], train_y)
-            fold_probs = model.predict_proba(features[test_idx])
+            model = LogisticRegression(C=1.0, max_iter=500).fit(reduced[train_idx], train_y)
+            fold_probs = model.predict_proba(reduced[test_idx])
             probs[test_idx[:, None], model.classes_[None, :]] = fold_probs
     return probs, classes
 

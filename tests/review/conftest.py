@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -159,3 +160,64 @@ def screenshots() -> Path:
     shutil.rmtree(SCREENSHOTS, ignore_errors=True)
     SCREENSHOTS.mkdir(parents=True)
     return SCREENSHOTS
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def ensure_chromium() -> Path:
+    """Debian's chromium; installed here when missing (CI machines start without it)."""
+    if not CHROMIUM.exists() and shutil.which("apt-get"):
+        subprocess.run("apt-get update -q && DEBIAN_FRONTEND=noninteractive "
+                       "apt-get install -y -q chromium", shell=True, check=False,
+                       capture_output=True, timeout=600)
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing and could not be installed: run `make chromium` "
+                    "(apt-get install chromium) as root")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = ensure_chromium()
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(executable),
+                                              args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def row(manifest: Path, image_id: int) -> sqlite3.Row:
+    db = sqlite3.connect(manifest)
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+    finally:
+        db.close()
+
+
+def open_page(browser, url: str, requests: list[str]):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]")
+    page.errors = errors
+    return page
+
+
+def card(page, image_id: int):
+    return page.locator(f'#grid .card[data-id="{image_id}"]')
+
+
+def wait_for_thumbnails(page, first: int = 10) -> None:
+    """Thumbnails are made on first request: wait for the top cards before a screenshot."""
+    page.wait_for_function(
+        f"[...document.querySelectorAll('.card img')].slice(0, {first})"
+        ".every(img => img.complete && img.naturalWidth > 0)", timeout=60_000)

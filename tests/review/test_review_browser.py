@@ -8,69 +8,10 @@ decisions in the dataset. Screenshots go to reports/review-screenshots/ for a pe
 from __future__ import annotations
 
 import csv
-import shutil
-import sqlite3
-import subprocess
-from pathlib import Path
-
-import pytest
 
 from collector.export import export_dataset
 from collector.manifest import Manifest
-from tests.review.conftest import XSS_TITLE
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
-def ensure_chromium() -> Path:
-    """Debian's chromium; installed here when missing (CI machines start without it)."""
-    if not CHROMIUM.exists() and shutil.which("apt-get"):
-        subprocess.run("apt-get update -q && DEBIAN_FRONTEND=noninteractive "
-                       "apt-get install -y -q chromium", shell=True, check=False,
-                       capture_output=True, timeout=600)
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing and could not be installed: run `make chromium` "
-                    "(apt-get install chromium) as root")
-    return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = ensure_chromium()
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(executable),
-                                              args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-def row(manifest: Path, image_id: int) -> sqlite3.Row:
-    db = sqlite3.connect(manifest)
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
-    finally:
-        db.close()
-
-
-def open_page(browser, url: str, requests: list[str]):
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("request", lambda request: requests.append(request.url))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready=true]")
-    page.errors = errors
-    return page
-
-
-def card(page, image_id: int):
-    return page.locator(f'#grid .card[data-id="{image_id}"]')
+from tests.review.conftest import XSS_TITLE, card, open_page, row, wait_for_thumbnails
 
 
 def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
@@ -78,7 +19,7 @@ def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
     manifest, ids = review_manifest["manifest"], review_manifest["ids"]
     requests: list[str] = []
     page = open_page(browser, review_server.url + "/", requests)
-    page.wait_for_selector("#grid .card img")
+    wait_for_thumbnails(page)
     page.screenshot(path=str(screenshots / "01-grid.png"))
 
     # Title search; crawled text is shown as text: a title carrying HTML neither runs nor renders.
@@ -98,6 +39,7 @@ def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
     assert card(page, first).locator(".title").text_content() == "Shorts no. 1, cotton"
     assert card(page, first).locator("a.shop").get_attribute("href") == \
         "https://shop-a.example/p/shorts-0"
+    wait_for_thumbnails(page)
     page.screenshot(path=str(screenshots / "02-filter-shorts.png"))
 
     # a: approve the focused card; focus moves on to the next one.
@@ -176,6 +118,7 @@ def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
     # Conflicts side by side: keep one, the other is rejected with why.
     page.keyboard.press("Alt+3")
     page.wait_for_selector("#groups .group-row .keep")
+    wait_for_thumbnails(page, first=2)
     group = page.locator("#groups .group-row").first
     members = [int(c.get_attribute("data-id")) for c in group.locator(".card").all()]
     assert review_manifest["conflict"] in members and len(members) == 2
