@@ -25,11 +25,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv with every extra (collect, train, serve, loadtest, dev)
 
-test: $(STAMP)  ## run the test suite (real servers on 127.0.0.1, real models, real photos)
+test: $(STAMP) chromium  ## run the test suite (real servers on 127.0.0.1, real models, real photos)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)  ## the whole pipeline end to end, offline, on the bundled demo catalog
 	$(PY) -m demo
+
+# --- review page (collector/review/) ---------------------------------------------------------
+.PHONY: chromium bench-review
+CHROMIUM ?= /usr/bin/chromium
+
+chromium:  ## Debian's chromium for the review page's browser tests (apt-get when missing)
+	@test -x $(CHROMIUM) || { echo "installing chromium (review page tests drive it)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+bench-review: $(STAMP)  ## review page over 20,000 images: keyset vs OFFSET pages, thumbnails cold/warm
+	$(PY) -m collector.review.bench $(BENCH_REVIEW_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check collector trainer service loadtests tests

@@ -1,0 +1,166 @@
+"""`make bench-review`: is the review page still fast with 20,000 images?
+
+Builds a 20,000-image manifest (real demo photos, reused), starts the real app process, and
+times through HTTP, side by side in one run (medians of repeats):
+- a page of 60 cards at the start and deep in the set, keyset (what the app does) vs OFFSET;
+- a label-filtered page and a most-suspect-first page;
+- a thumbnail made cold vs served from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from collector.manifest import MANIFEST_FILE, Manifest
+from collector.review.store import ImageQuery, ReviewStore, build_page_query
+
+REPO = Path(__file__).resolve().parents[2]
+console = Console()
+
+
+def build(root: Path, n_images: int, catalog: Path) -> Path:
+    photos = sorted(catalog.glob("*/*.jpg"))
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for k, photo in enumerate(photos):
+        shutil.copyfile(photo, root / "images" / f"{k}.jpg")
+    labels = sorted({p.parent.name for p in photos})
+    rng = random.Random(0)
+    with Manifest(root / MANIFEST_FILE) as manifest, manifest.transaction():
+        for n in range(n_images):
+            k = n % len(photos)
+            image_id = manifest.add_image(f"https://s{n % 3}.example/{n}.jpg", labels[n % 10],
+                                          shop=f"s{n % 3}.example", product_title=f"item {n}")
+            manifest.mark_stored(image_id, path=f"images/{k}.jpg", size=1, width=1, height=1,
+                                 fmt="JPEG", sha256=f"{n:064x}", phash="0" * 16)
+    with Manifest(root / MANIFEST_FILE) as manifest:
+        manifest.set_dedup((i, "ok", None, i, None) for i in range(1, n_images + 1))
+    store = ReviewStore(root / MANIFEST_FILE)
+    store.save_predictions([(i, labels[(i - 1) % 10], labels[0], 0.5, 0.5, rng.random(), False,
+                             {}) for i in range(1, n_images + 1)], model="bench")
+    return root / MANIFEST_FILE
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def sql_page_ms(manifest: Path, repeats: int, *, offset: int | None = None,
+                cursor: str | None = None) -> float:
+    """One page's SQL alone: keyset (WHERE id > cursor) or LIMIT/OFFSET, the usual alternative."""
+    sql, args, _, _ = build_page_query(ImageQuery(limit=60, cursor=cursor))
+    if offset is not None:
+        sql, args = sql.replace("LIMIT ?", "LIMIT ? OFFSET ?"), [*args, offset]
+    db = sqlite3.connect(manifest)
+    try:
+        return median_ms(lambda: db.execute(sql, args).fetchall(), repeats)
+    finally:
+        db.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--catalog", type=Path, default=REPO / "demo_data" / "catalog")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-review-"))
+    proc = None
+    try:
+        with console.status(f"building a {args.images}-image manifest"):
+            manifest = build(work / "collected", args.images, args.catalog)
+        port = free_port()
+        log = open(work / "app.log", "wb")  # noqa: SIM115 - closed in finally
+        proc = subprocess.Popen([sys.executable, "-m", "collector.review", "--manifest",
+                                 str(manifest), "--port", str(port), "--no-browser"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        client = httpx.Client(base_url=url, timeout=60)
+        for _ in range(300):
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get("/api/summary").status_code == 200:
+                    break
+            time.sleep(0.1)
+        deep_id = args.images - 1200  # page ~313 of 60 cards
+
+        def get(**params):
+            return lambda: client.get("/api/images", params={"limit": 60, **params}).json()
+
+        rows = [
+            ("page 1 (HTTP, keyset)", median_ms(get(), args.repeats)),
+            (f"deep page after id {deep_id} (HTTP, keyset)",
+             median_ms(get(cursor=str(deep_id)), args.repeats)),
+            ("label filter, deep (HTTP, keyset)",
+             median_ms(get(label="pants", cursor=str(deep_id)), args.repeats)),
+            ("most suspect first, page 1 (HTTP)", median_ms(get(sort="suspect"), args.repeats)),
+            ("summary: counts per label/shop (HTTP)",
+             median_ms(lambda: client.get("/api/summary").json(), args.repeats)),
+        ]
+        sql_rows = [
+            ("page 1 (SQL only, keyset)", sql_page_ms(manifest, args.repeats)),
+            (f"deep page (SQL only, OFFSET {deep_id})",
+             sql_page_ms(manifest, args.repeats, offset=deep_id)),
+            ("deep page (SQL only, keyset)",
+             sql_page_ms(manifest, args.repeats, cursor=str(deep_id))),
+        ]
+
+        cold, warm = [], []
+        for image_id in range(1, 11):  # ten different photos: cold once each, then warm
+            start = time.perf_counter()
+            client.get(f"/api/images/{image_id}/thumb").raise_for_status()
+            cold.append((time.perf_counter() - start) * 1000)
+            warm.append(median_ms(lambda i=image_id: client.get(f"/api/images/{i}/thumb"),
+                                  5))
+        thumbs = [("thumbnail, first request (decode + resize + write)", statistics.median(cold)),
+                  ("thumbnail, cached", statistics.median(warm))]
+
+        table = Table(title=f"review page, {args.images} images (median of {args.repeats})")
+        table.add_column("what")
+        table.add_column("ms", justify="right")
+        for name, ms in rows + sql_rows + thumbs:
+            table.add_row(name, f"{ms:.1f}")
+        console.print(table)
+        offset_ratio = sql_rows[1][1] / max(sql_rows[2][1], 1e-6)
+        console.print(f"deep page: OFFSET / keyset = {offset_ratio:.1f}x; "
+                      f"deep / first page over HTTP = {rows[1][1] / rows[0][1]:.2f}x; "
+                      f"thumbnail cold / cached = {thumbs[0][1] / thumbs[1][1]:.1f}x")
+        return 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
