@@ -33,7 +33,8 @@ STATIC = Path(__file__).parent / "static"
 class ReviewConfig(BaseModel):
     """Review the collected images in a browser: filter, approve, reject, relabel, undo."""
 
-    manifest: Path = Field(description="the collector's manifest.sqlite (from `collector crawl`)")
+    manifest: Path = Field(description="the collector's manifest.sqlite (from `collector crawl`), "
+                                       "or the collection folder holding it")
     host: str = Field("127.0.0.1", description="interface to listen on; keep it local")
     port: int = Field(8765, ge=0, le=65535, description="port (0 = any free port)")
     browser: bool = Field(True, description="open the page in the default browser "

@@ -45,7 +45,8 @@ class RankConfig(BaseModel):
 
 
 def cache_dir_for(manifest: Path) -> Path:
-    return Path(manifest).resolve().parent / ".review"
+    manifest = Path(manifest).resolve()
+    return (manifest if manifest.is_dir() else manifest.parent) / ".review"
 
 
 def embed_with_cache(backbone: Backbone, keys: list[str], paths: list[Path],

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from collector.manifest import EFFECTIVE_LABEL_SQL, EXPORTABLE_SQL, STORED_STATUSES, Manifest
+from collector.manifest import (
+    EFFECTIVE_LABEL_SQL,
+    EXPORTABLE_SQL,
+    MANIFEST_FILE,
+    STORED_STATUSES,
+    Manifest,
+)
 
 REVIEW_SCHEMA = """
 CREATE TABLE IF NOT EXISTS review_actions (
@@ -110,6 +116,8 @@ class ReviewStore:
 
     def __init__(self, manifest_path: Path):
         self.path = Path(manifest_path)
+        if self.path.is_dir():  # the collection folder itself is fine too
+            self.path = self.path / MANIFEST_FILE
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"no manifest at {self.path}; run `collector crawl` first, or pass --manifest")
