@@ -12,7 +12,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export PYTHONUNBUFFERED := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean
+.PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean bench-service
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -67,3 +67,8 @@ bench-serve: $(STAMP)  ## ceiling vs service (batching on/off, fp32/int8) vs bas
 soak: $(STAMP)  ## steady load for SOAK_TIME s on a fresh service: memory and latency drift
 	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) --prepare-only
 	$(PY) -m loadtests.soak --model $(BENCH_RUN)/export/model.onnx --duration-s $(SOAK_TIME) $(SOAK_ARGS)
+
+# --- service (service/) ----------------------------------------------------------------------
+bench-service: $(STAMP)  ## service topology: API + batched model service vs one service, ratios
+	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) --prepare-only
+	$(PY) -m service.bench_topology --model $(BENCH_RUN)/export/model.onnx $(BENCH_SERVICE_ARGS)

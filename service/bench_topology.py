@@ -1,0 +1,194 @@
+"""Benchmark: one BentoML service, or an API service calling a batched model service?
+
+Serves the same ONNX model three ways, one after the other, each `rounds` times in alternating
+order, and drives each with the same real photos from the same client:
+  split          service.service:ProductClassifier (API decodes; OnnxModel batches), the design
+  split-nobatch  the same with CLASSIFIER_BATCHING=false (one request per ONNX Runtime run)
+  one-service    service.one_service:OneService (decode + ONNX Runtime inside one batched API)
+Reports, per variant, the median over rounds of: a lone client's p50/p95 latency, and with
+`users` concurrent clients the throughput and p50/p95. Ratios are against `split`.
+
+    make bench-service    (or: python -m service.bench_topology --help)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, CliApp
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+console = Console()
+
+VARIANTS = {
+    "split": ("service.service:ProductClassifier", "image", {}),
+    "split-nobatch": ("service.service:ProductClassifier", "image",
+                      {"CLASSIFIER_BATCHING": "false"}),
+    "one-service": ("service.one_service:OneService", "images", {}),
+}
+
+
+class TopologyBench(BaseSettings):
+    """Measure the service topologies side by side in one run; print ratios, save JSON."""
+
+    model: Path = Field(REPO / "runs/bench-serve/export/model.onnx",
+                        description="exported .onnx (`make bench-service` makes one first)")
+    photos: Path = Field(REPO / "demo_data/catalog", description="folder of real photos")
+    users: int = Field(16, ge=2, description="concurrent clients in the loaded step")
+    loaded_requests: int = Field(320, ge=16, description="requests in the loaded step")
+    lone_requests: int = Field(40, ge=5, description="sequential requests in the lone step")
+    rounds: int = Field(2, ge=1, description="repeats per variant (medians are reported)")
+    ort_threads: int = Field(2, ge=1, description="ONNX Runtime threads in every variant")
+    out: Path = Field(REPO / "bench_out/service_topology.json", description="JSON results")
+
+    def cli_cmd(self) -> None:
+        run(self)
+
+
+class Figures(BaseModel):
+    loaded_shed: float = Field(description="loaded requests answered 429/503 (load shedding)")
+    lone_p50_ms: float
+    lone_p95_ms: float
+    loaded_images_per_s: float
+    loaded_p50_ms: float
+    loaded_p95_ms: float
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(target: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
+         "--port", str(port)], cwd=REPO, env={**os.environ, **env},
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{target} exited; see {log}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    _stop(process)
+    raise SystemExit(f"{target} not ready in 180 s; see {log}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _measure(url: str, field: str, photos: list[bytes], config: TopologyBench) -> Figures:
+    with httpx.Client(base_url=url, timeout=60,
+                      limits=httpx.Limits(max_connections=config.users)) as client:
+        def post(i: int) -> float | None:
+            """Latency of a 200; None for a 429/503 (shed); anything else stops the bench."""
+            start = time.perf_counter()
+            response = client.post("/classify", files={field: ("p.jpg", photos[i % len(photos)])})
+            if response.status_code in (429, 503):
+                return None
+            response.raise_for_status()
+            return time.perf_counter() - start
+
+        for i in range(24):  # past BentoML's batcher warm-up and ONNX Runtime's first runs
+            post(i)
+        lone = [t for t in (post(i) for i in range(config.lone_requests)) if t is not None]
+        with ThreadPoolExecutor(config.users) as pool:
+            start = time.perf_counter()
+            answers = list(pool.map(post, range(config.loaded_requests)))
+            elapsed = time.perf_counter() - start
+        loaded = [t for t in answers if t is not None]
+    return Figures(loaded_shed=len(answers) - len(loaded),
+                   lone_p50_ms=statistics.median(lone) * 1e3,
+                   lone_p95_ms=_percentile(lone, 0.95) * 1e3,
+                   loaded_images_per_s=len(loaded) / elapsed,
+                   loaded_p50_ms=statistics.median(loaded) * 1e3,
+                   loaded_p95_ms=_percentile(loaded, 0.95) * 1e3)
+
+
+def run(config: TopologyBench) -> dict[str, Figures]:
+    if not config.model.is_file():
+        raise SystemExit(f"{config.model} is missing: run `make bench-service` or give "
+                         "--model PATH.onnx")
+    photos = [p.read_bytes() for p in sorted(config.photos.rglob("*.jpg"))[:60]]
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    env = {"MODEL_TAG": str(config.model), "CLASSIFIER_ORT_THREADS": str(config.ort_threads)}
+    samples: dict[str, list[Figures]] = {name: [] for name in VARIANTS}
+    for round_index in range(config.rounds):
+        order = list(VARIANTS) if round_index % 2 == 0 else list(reversed(VARIANTS))
+        for name in order:
+            target, field, extra = VARIANTS[name]
+            log = config.out.parent / f"serve-{name}.log"
+            console.print(f"round {round_index + 1}/{config.rounds}: {name}")
+            process, url = _serve(target, {**env, **extra}, log)
+            try:
+                samples[name].append(_measure(url, field, photos, config))
+            finally:
+                _stop(process)
+    medians = {name: Figures(**{key: statistics.median(getattr(s, key) for s in runs)
+                                for key in Figures.model_fields})
+               for name, runs in samples.items()}
+    _report(medians, config)
+    config.out.write_text(json.dumps({
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": str(config.model), "config": config.model_dump(mode="json"),
+        "medians": {k: v.model_dump() for k, v in medians.items()},
+        "rounds": {k: [s.model_dump() for s in v] for k, v in samples.items()}}, indent=2))
+    console.print(f"saved {config.out}")
+    return medians
+
+
+def _report(medians: dict[str, Figures], config: TopologyBench) -> None:
+    base = medians["split"]
+    table = Table(title=f"service topology, median of {config.rounds} rounds "
+                        f"({config.users} users, {config.loaded_requests} requests)")
+    for column in ("variant", "lone p50 ms", "lone p95 ms", "loaded img/s", "loaded p50 ms",
+                   "loaded p95 ms", "shed", "img/s vs split", "lone p50 vs split"):
+        table.add_column(column, justify="right")
+    for name, f in medians.items():
+        table.add_row(name, f"{f.lone_p50_ms:.1f}", f"{f.lone_p95_ms:.1f}",
+                      f"{f.loaded_images_per_s:.1f}", f"{f.loaded_p50_ms:.1f}",
+                      f"{f.loaded_p95_ms:.1f}", f"{f.loaded_shed:.0f}",
+                      f"{f.loaded_images_per_s / base.loaded_images_per_s:.2f}x",
+                      f"{f.lone_p50_ms / base.lone_p50_ms:.2f}x")
+    console.print(table)
+
+
+def main() -> None:
+    CliApp.run(TopologyBench)
+
+
+if __name__ == "__main__":
+    main()
