@@ -105,8 +105,9 @@ def build_review_manifest(root: Path, catalog: Path, per_label: int = PER_LABEL)
 
 
 @pytest.fixture()
-def review_manifest(tmp_path: Path, demo_catalog: Path) -> dict:
-    return build_review_manifest(tmp_path / "collected", demo_catalog)
+def review_manifest(request, tmp_path: Path, demo_catalog: Path) -> dict:
+    per_label = getattr(request, "param", PER_LABEL)  # parametrize(..., indirect=True) to shrink
+    return build_review_manifest(tmp_path / "collected", demo_catalog, per_label)
 
 
 class ReviewServer(contextlib.AbstractContextManager):
