@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-console = Console()
+console = Console(width=140)
 
 VARIANTS = {
     "split": ("service.service:ProductClassifier", "image", {}),
