@@ -7,14 +7,12 @@ same reports), so their figures can be reproduced by hand with the printed comma
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import psutil
 
 from loadtests.servers import REPO, pinned
 
@@ -87,33 +85,21 @@ def run_locust(host: str, users: int, run_time_s: float, csv_prefix: Path, *,
     command = pinned(locust_command(host, users, run_time_s, csv_prefix, html=html,
                                     extra=extra, full_history=full_history), cpus)
     log_path = Path(f"{csv_prefix}.log")
-    started = time.perf_counter()
+    cpu_report = Path(f"{csv_prefix}_cpu.json")
+    command = [*command, "--cpu-report", str(cpu_report)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        watcher = psutil.Process(process.pid)
-        cpu_seconds = 0.0
         try:
-            while process.poll() is None:
-                try:
-                    times = watcher.cpu_times()
-                    cpu_seconds = times.user + times.system
-                except psutil.NoSuchProcess:
-                    break
-                if timeout_s and time.perf_counter() - started > timeout_s:
-                    process.kill()
-                    break
-                time.sleep(0.25)
-        finally:
-            if process.poll() is None:
-                process.kill()
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
             process.wait()
-    elapsed = time.perf_counter() - started
     if not Path(f"{csv_prefix}_stats.csv").is_file():
         raise RuntimeError(f"locust wrote no stats (exit {process.returncode}); see {log_path}:\n"
                            + log_path.read_text(errors="replace")[-2000:])
     result = read_stats(csv_prefix, duration_s=run_time_s)
-    # Locust spends ~1 s loading photos before the clock starts; the CPU share is over the run.
-    result.loadgen_cpu_pct = 100.0 * cpu_seconds / max(elapsed, 1e-9)
+    if cpu_report.is_file():  # measured from test start to stop, photo loading excluded
+        result.loadgen_cpu_pct = json.loads(cpu_report.read_text())["cpu_pct"]
     result.command = " ".join(command)
     result.exit_code = process.returncode
     return result

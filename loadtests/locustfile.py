@@ -15,11 +15,15 @@ Scenario flags (`--batch-weight`, `--sizes`, `--think-time`, ...) are listed by 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import time
 import uuid
 from pathlib import Path
 
+import gevent
+import psutil
 from locust import FastHttpUser, events, task
 
 from loadtests.checks import batch_problem, classify_problem
@@ -52,6 +56,9 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--think-time", type=float, default=0.0,
                        help="seconds each user waits between requests; 0 = closed loop, "
                             "as fast as the server answers")
+    parser.add_argument("--cpu-report", default="", include_in_web_ui=False,
+                        help="write this process's CPU use during the test to this JSON file "
+                             "(the benchmark checks the load generator was not the bottleneck)")
     parser.add_argument("--max-run-time", type=float, default=300.0, include_in_web_ui=False,
                        help="headless runs without -t/--run-time stop after this many seconds")
 
@@ -75,6 +82,30 @@ def _on_init(environment, **_kwargs) -> None:
         _PAYLOADS[:] = load_payloads(Path(options.catalog), options.photos_per_label, sizes)
         log.info("loaded %d payloads (%s) from %s", len(_PAYLOADS), ",".join(sizes),
                  options.catalog)
+        # Loading blocked the gevent loop for a second or more; its cached clock is stale, and
+        # Locust's --run-time timer (armed next) would fire that much early.
+        gevent.get_hub().loop.update_now()
+
+
+_CPU_AT_START: list[float] = []
+
+
+@events.test_start.add_listener
+def _on_test_start(**_kwargs) -> None:
+    times = psutil.Process().cpu_times()
+    _CPU_AT_START[:] = [time.perf_counter(), times.user + times.system]
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    if not (options and options.cpu_report and _CPU_AT_START):
+        return
+    times = psutil.Process().cpu_times()
+    wall = time.perf_counter() - _CPU_AT_START[0]
+    cpu = times.user + times.system - _CPU_AT_START[1]
+    Path(options.cpu_report).write_text(json.dumps(
+        {"wall_s": wall, "cpu_s": cpu, "cpu_pct": 100.0 * cpu / max(wall, 1e-9)}))
 
 
 def multipart(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:

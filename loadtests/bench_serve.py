@@ -1,0 +1,309 @@
+"""`make bench-serve`: the serving benchmark, every variant side by side in one run.
+
+On one trained model (a trainer run folder: checkpoint + export/model.onnx + model.int8.onnx):
+  1. decode + preprocess cost per image (what the service pays and the ceiling does not);
+  2. the ceiling: ONNX Runtime in-process on preprocessed tensors, best batch size;
+  3. the BentoML service with adaptive batching, with batching off, and with the int8 model,
+     each at 1, 8 and 32 closed-loop Locust users: req/s, p50/p95/p99, errors, mean batch
+     size (from /metrics), server CPU use, and cold start (`bentoml serve` -> /readyz 200);
+  4. the baseline (FastAPI + PyTorch eager per request) under the same load.
+Then a table, the ratios the issue asks for, and a verdict per target with the reason when
+one is missed. The server and the load generator are pinned to separate cores (taskset), so
+they do not steal from each other; the ceiling runs on the server's core(s) with as many
+threads as the service.
+
+    python -m loadtests.bench_serve --run runs/demo
+    python -m loadtests.bench_serve --help
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from rich.console import Console
+
+from loadtests import ceiling, profile
+from loadtests.locust_run import LoadResult, run_locust
+from loadtests.payloads import DEFAULT_CATALOG, load_payloads
+from loadtests.prom import mean_batch_size, scrape
+from loadtests.servers import REPO, ServerProcess, ServerStartError, start_baseline, start_bentoml
+from service.model_store import read_contract
+
+# Piped output (make, CI logs) would wrap the table at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+# Service settings (env vars read by service/settings.py) per served variant.
+BATCHING_OFF = {"CLASSIFIER_BATCHING": "false"}
+
+
+class BenchServeConfig(BaseSettings):
+    """Measure the service against its ceiling and the plain baseline, in one run."""
+
+    model_config = SettingsConfigDict(cli_prog_name="python -m loadtests.bench_serve",
+                                      cli_kebab_case=True, cli_implicit_flags=True,
+                                      env_prefix="BENCH_")
+
+    run: Path | None = Field(None, description=(
+        "trainer run folder: checkpoints/best.pt (baseline), export/model.onnx (fp32) and "
+        "export/model.int8.onnx (int8); exported first if export/ is missing"))
+    model: Path | None = Field(None, description="fp32 .onnx to serve (default RUN/export/model.onnx)")
+    int8_model: Path | None = Field(None, description="int8 .onnx (default RUN/export/model.int8.onnx)")
+    users: list[int] = Field([1, 8, 32], description="concurrent closed-loop users per load step")
+    duration_s: float = Field(20.0, gt=0, description="seconds of measured load per step")
+    warmup_s: float = Field(4.0, ge=0, description="unmeasured load after each server start")
+    variants: list[Literal["service", "nobatch", "int8", "baseline"]] = Field(
+        ["service", "nobatch", "int8", "baseline"], description="servers to measure")
+    cpu_split: Literal["pinned", "shared"] = Field("pinned", description=(
+        "pinned: server on --server-cpus, Locust on --loadgen-cpus (taskset); shared: no "
+        "pinning, both float over every core"))
+    server_cpus: str = Field("1", description="cores for the server and the ceiling (pinned)")
+    loadgen_cpus: str = Field("0", description="cores for Locust (pinned)")
+    threads: int | None = Field(None, ge=1, description=(
+        "ONNX Runtime / torch intra-op threads; default: the number of server cores"))
+    ceiling_batch_sizes: list[int] = Field([1, 8, 16, 32])
+    ceiling_seconds: float = Field(3.0, gt=0, description="seconds per ceiling batch size")
+    catalog: Path = Field(DEFAULT_CATALOG, description="photos posted by Locust and timed for decode")
+    sizes: str = Field("thumb,original,large", description="photo size classes posted")
+    out: Path = Field(REPO / "bench_out" / "serve", description="reports, logs, JSON, markdown")
+    profile: bool = Field(True, description=(
+        "after the measured steps, py-spy the fp32 service under the largest load and report "
+        "where its CPU time goes (not counted in the table: the profiler slows it)"))
+    prepare_only: bool = Field(False, description=(
+        "only make sure RUN has a trained, exported model (used by `make soak`), then exit"))
+
+    def cli_cmd(self) -> None:
+        if self.prepare_only:
+            if self.run is None:
+                raise SystemExit("--prepare-only needs --run RUN_DIR")
+            prepare_run(self.run)
+            return
+        run_bench(self)
+
+
+@dataclass
+class Step:
+    variant: str
+    users: int
+    load: LoadResult
+    mean_batch: float = math.nan
+    batches: int = 0
+    server_cpu_pct: float = math.nan
+    req_per_cpu_s: float = math.nan   # requests per CPU-second of all server processes
+    rss_mb: float = math.nan
+
+
+@dataclass
+class BenchResult:
+    started: str
+    machine: str
+    cpu_split: str
+    threads: int
+    decode_ms: dict[str, float]
+    ceiling: dict[str, list[dict]]
+    cold_start_s: dict[str, float]
+    cold_start_cpu_s: dict[str, float] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    not_measured: dict[str, str] = field(default_factory=dict)   # variant -> why
+    profile: dict[str, float] = field(default_factory=dict)      # stage -> % of CPU samples
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_count(cpus: str) -> int:
+    return sum(int(hi or lo) - int(lo) + 1
+               for lo, _, hi in (part.partition("-") for part in cpus.split(",")))
+
+
+def prepare_run(run_dir: Path) -> None:
+    """Train a quick model on the demo catalogue and export it (fp32 + int8) if the run lacks
+    one, with the trainer's own functions. Throughput does not depend on how well it is
+    trained; the same weights go to the service (ONNX) and the baseline (checkpoint)."""
+    from trainer.runs import RunDir
+
+    run = RunDir(run_dir)
+    if not run.best.is_file():
+        from trainer.config import TrainConfig
+        from trainer.train import train
+
+        console.print(f"[yellow]{run.best} missing: training a head-only model on "
+                      f"{DEFAULT_CATALOG} (about a minute)[/]")
+        train(TrainConfig(data=DEFAULT_CATALOG, out=run_dir, epochs=0))
+    if not (run.export / "model.onnx").is_file() or not (run.export / "model.int8.onnx").is_file():
+        from trainer.export import export
+
+        console.print(f"[yellow]exporting {run_dir} to ONNX (fp32 + int8)[/]")
+        export(run_dir, int8=True, save=False)
+
+
+def resolve_models(config: BenchServeConfig) -> tuple[Path, Path | None, Path | None]:
+    """(fp32 onnx, int8 onnx or None, run dir or None)."""
+    fp32, int8 = config.model, config.int8_model
+    if config.run is not None:
+        if fp32 is None:
+            prepare_run(config.run)
+        export = config.run / "export"
+        fp32 = fp32 or export / "model.onnx"
+        if int8 is None and (export / "model.int8.onnx").is_file():
+            int8 = export / "model.int8.onnx"
+    if fp32 is None:
+        raise SystemExit("give --run RUN_DIR (a trainer run folder) or --model MODEL.onnx")
+    return fp32, int8, config.run
+
+
+def measure_server(server: ServerProcess, variant: str, config: BenchServeConfig,
+                   loadgen_cpus: str | None, result: BenchResult) -> None:
+    label = "service" if variant != "baseline" else "baseline"
+    extra = ["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
+             "--catalog", str(config.catalog)]
+    if config.warmup_s:
+        run_locust(server.url, max(config.users), config.warmup_s,
+                   config.out / f"{variant}_warmup", cpus=loadgen_cpus, extra=extra,
+                   timeout_s=config.warmup_s + 60)
+    for users in config.users:
+        before_metrics = scrape(server.url) if label == "service" else {}
+        cpu_before, wall_before = server.cpu_seconds(), time.perf_counter()
+        load = run_locust(server.url, users, config.duration_s,
+                          config.out / f"{variant}_u{users}", cpus=loadgen_cpus, extra=extra,
+                          html=config.out / f"{variant}_u{users}.html",
+                          timeout_s=config.duration_s + 90,
+                          )
+        cpu_used = server.cpu_seconds() - cpu_before
+        cpu_pct = 100 * cpu_used / (time.perf_counter() - wall_before)
+        step = Step(variant, users, load, server_cpu_pct=cpu_pct,
+                    req_per_cpu_s=load.requests / cpu_used if cpu_used > 0 else math.nan,
+                    rss_mb=server.rss_bytes() / 2**20)
+        if label == "service":
+            step.mean_batch, step.batches = mean_batch_size(before_metrics, scrape(server.url))
+        result.steps.append(step)
+        console.print(f"  {variant:>8} u={users:<3} {load.rps:7.1f} req/s  p50 {load.p50_ms:5.0f} "
+                      f"p95 {load.p95_ms:5.0f} p99 {load.p99_ms:5.0f} ms  errors {load.failures}"
+                      f"  batch {step.mean_batch:4.1f}  server CPU {cpu_pct:3.0f}% "
+                      f"({step.req_per_cpu_s:.1f} req/CPU-s)  Locust CPU "
+                      f"{load.loadgen_cpu_pct:3.0f}%")
+
+
+def profile_server(server: ServerProcess, config: BenchServeConfig,
+                   loadgen_cpus: str | None) -> dict[str, float]:
+    """py-spy the server under the largest load; stage -> % of its CPU samples."""
+    seconds = min(config.duration_s, 15.0)
+    raw = config.out / "profile_service.txt"
+    recorder = profile.start_recording(server.process.pid, seconds, raw)
+    if recorder is None:
+        console.print("[yellow]py-spy not installed: no profile (pip install py-spy)[/]")
+        return {}
+    run_locust(server.url, max(config.users), seconds + 2, config.out / "profile_load",
+               cpus=loadgen_cpus, timeout_s=seconds + 90,
+               extra=["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes])
+    try:
+        _, errors = recorder.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+        errors = b"timed out"
+    if not raw.is_file():
+        console.print(f"[yellow]py-spy wrote no profile: {errors.decode(errors='replace')[-300:]}[/]")
+        return {}
+    shares = profile.stage_shares(raw)
+    console.print("where the service's CPU time goes: " + ", ".join(
+        f"{stage} {share:.0f}%" for stage, share in shares.items()))
+    return shares
+
+
+def run_bench(config: BenchServeConfig) -> BenchResult:
+    config.out.mkdir(parents=True, exist_ok=True)
+    pinned = config.cpu_split == "pinned"
+    server_cpus = config.server_cpus if pinned else None
+    loadgen_cpus = config.loadgen_cpus if pinned else None
+    threads = config.threads or (_cpu_count(config.server_cpus) if pinned else os.cpu_count())
+    fp32, int8, run_dir = resolve_models(config)
+    contract = read_contract(fp32)
+    payloads = load_payloads(config.catalog, 3, tuple(config.sizes.split(",")))
+    result = BenchResult(
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine=f"{platform.node()} {os.cpu_count()} cores, load avg at start "
+                f"{os.getloadavg()[0]:.1f}",
+        cpu_split=(f"server on CPU {config.server_cpus}, Locust on CPU {config.loadgen_cpus} "
+                   f"(taskset)" if pinned else "unpinned: server and Locust share every core"),
+        threads=threads, decode_ms={}, ceiling={}, cold_start_s={})
+    console.rule(f"bench-serve: {contract.name} {contract.version} ({contract.architecture})")
+    console.print(f"fp32 {fp32}\nint8 {int8}\n{result.cpu_split}; {threads} intra-op thread(s)")
+
+    result.decode_ms = ceiling.decode_cost_ms(payloads, contract, cpus=server_cpus)
+    console.print("decode+preprocess CPU ms/image: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in result.decode_ms.items()))
+    tensors = ceiling.preprocessed(payloads[:16], contract)
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        if path is None:
+            continue
+        points = ceiling.ort_ceiling(path, tensors, threads=threads, cpus=server_cpus,
+                                     batch_sizes=tuple(config.ceiling_batch_sizes),
+                                     seconds=config.ceiling_seconds)
+        result.ceiling[name] = [asdict(p) for p in points]
+        console.print(f"ceiling {name}: " + ", ".join(
+            f"b{p.batch_size} {p.images_per_s:.0f}/s ({p.images_per_cpu_s:.0f}/CPU-s)"
+            for p in points))
+
+    service_env = {"CLASSIFIER_ORT_THREADS": str(threads)}
+    for variant in config.variants:
+        if variant == "int8" and int8 is None:
+            result.not_measured[variant] = "no int8 model (export with --int8)"
+            continue
+        if variant == "baseline" and run_dir is None:
+            result.not_measured[variant] = "no --run folder with a checkpoint"
+            continue
+        port = free_port()
+        try:
+            if variant == "baseline":
+                server = start_baseline(run_dir, port, cpus=server_cpus, threads=threads,
+                                        log_dir=config.out)
+            else:
+                settings = dict(service_env, **(BATCHING_OFF if variant == "nobatch" else {}))
+                model = int8 if variant == "int8" else fp32
+                server = start_bentoml(str(model), port, cpus=server_cpus, settings=settings,
+                                       log_dir=config.out, name=variant)
+        except ServerStartError as exc:
+            result.not_measured[variant] = f"server did not start: {str(exc)[:300]}"
+            console.print(f"[red]{variant}: {exc}[/]")
+            continue
+        result.cold_start_s[variant] = server.cold_start_s
+        result.cold_start_cpu_s[variant] = server.cpu_seconds()
+        console.print(f"[bold]{variant}[/] ready in {server.cold_start_s:.1f}s (cold start, "
+                      f"{result.cold_start_cpu_s[variant]:.1f} CPU-s)")
+        with server:
+            measure_server(server, variant, config, loadgen_cpus, result)
+            if variant == "service" and config.profile:
+                result.profile = profile_server(server, config, loadgen_cpus)
+    from loadtests.report import render  # rich table + ratios + verdicts + markdown
+
+    render(result, config, console)
+    return result
+
+
+def save(result: BenchResult, out: Path) -> Path:
+    path = out / "bench_serve.json"
+    path.write_text(json.dumps(asdict(result), indent=2, default=str))
+    return path
+
+
+def main() -> None:
+    CliApp.run(BenchServeConfig)
+
+
+if __name__ == "__main__":
+    main()

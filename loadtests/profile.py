@@ -1,0 +1,77 @@
+"""Where the service's CPU time goes under load: py-spy samples, grouped into stages.
+
+py-spy samples the stacks of the server and every worker it forked (`--subprocesses`) while
+Locust keeps it busy; each sample is put in the first stage whose marker appears in its stack.
+The shares answer "why is the service below the ceiling": model time vs decode vs HTTP and
+multipart vs serialisation vs the hop between BentoML's API and model processes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+# Checked in order: the first stage whose marker is in a stack gets the sample.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("ONNX Runtime inference", ("run_logits", "onnxruntime_inference_collection")),
+    ("JPEG decode + preprocess", ("load_and_preprocess", "decode_image", "(contract.py",
+                                  "PIL/")),
+    ("multipart parsing + upload files", ("multipart", "formparsers", "tempfile",
+                                          "UploadFile", "guard.py")),
+    ("API -> model call (serialise, IPC)", ("to_async", "_bentoml_impl/client",
+                                            "serde", "httpx", "httpcore", "aiohttp")),
+    ("answer building (pydantic, JSON)", ("pydantic", "json", "_prediction", "softmax")),
+    ("HTTP server + event loop", ("uvicorn", "starlette", "asyncio", "h11", "httptools")),
+]
+
+
+def py_spy() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def start_recording(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """Start `py-spy record` on pid and its children for `seconds`; None when py-spy is absent."""
+    tool = py_spy()
+    if tool is None:
+        return None
+    command = [tool, "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
+               "--duration", str(max(1, round(seconds))), "--rate", "50", "--format", "raw",
+               "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+IDLE_LEAVES = ("select (selectors.py", "wait (threading.py", "poll (selectors.py",
+               "_worker (concurrent/futures/thread.py", "get (queue.py", "sleep (")
+
+
+def stage_of(frames: list[str]) -> str:
+    stack = ";".join(frames)
+    for stage, markers in STAGES:
+        if any(marker in stack for marker in markers):
+            return stage
+    return "other Python"
+
+
+def stage_shares(raw_path: Path) -> dict[str, float]:
+    """Percentage of busy samples per stage from py-spy's raw (collapsed stack) output.
+
+    Samples whose innermost frame is a wait (event loop select, idle pool thread) are idle
+    time, not work, and are left out; `--subprocesses` prefixes each stack with
+    `process PID:"command line"` frames, which are stripped before matching.
+    """
+    counts: Counter[str] = Counter()
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        code = [f for f in frames if not f.startswith("process ")]
+        if not code or code[-1].startswith(IDLE_LEAVES):
+            continue
+        counts[stage_of(code)] += int(count)
+    total = sum(counts.values())
+    return {stage: 100.0 * n / total for stage, n in counts.most_common()} if total else {}

@@ -1,0 +1,211 @@
+"""Turn a bench-serve result into the table, the ratios and a verdict per target.
+
+Printed with rich and written as markdown (bench_out/serve/bench_serve.md) so the same
+figures go into BENCHMARKS.md unedited.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from loadtests.bench_serve import BenchResult, BenchServeConfig, Step
+
+TARGET_VS_BASELINE = 3.0
+TARGET_VS_CEILING = 0.5
+TARGET_COLD_START_S = 5.0
+
+SHORT_NAMES = {"service": "service fp32", "nobatch": "service, no batching",
+               "int8": "service int8", "baseline": "baseline torch eager"}
+VARIANT_NAMES = {"service": "service fp32, batching on", "nobatch": "service fp32, batching off",
+                 "int8": "service int8, batching on", "baseline": "baseline FastAPI + torch eager"}
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return math.nan
+    return a / b
+
+
+def _step(result: BenchResult, variant: str, users: int) -> Step | None:
+    return next((s for s in result.steps if s.variant == variant and s.users == users), None)
+
+
+def best_ceiling(result: BenchResult, name: str) -> tuple[float, int]:
+    points = result.ceiling.get(name) or []
+    if not points:
+        return math.nan, 0
+    best = max(points, key=lambda p: p["images_per_s"])
+    return best["images_per_s"], best["batch_size"]
+
+
+def best_ceiling_cpu(result: BenchResult, name: str) -> float:
+    points = result.ceiling.get(name) or []
+    return max((p["images_per_cpu_s"] for p in points), default=math.nan)
+
+
+def summary(result: BenchResult, users: int) -> dict:
+    """The ratios and verdicts at `users` (the largest load step).
+
+    Each throughput ratio comes twice: on wall-clock req/s (what the issue's targets name) and
+    on requests per CPU-second of the server (robust when other processes share the server's
+    core: on a quiet core a CPU-bound server turns its CPU efficiency straight into req/s).
+    """
+    steps = {v: _step(result, v, users) for v in VARIANT_NAMES}
+    rps = {v: (s.load.rps if s else math.nan) for v, s in steps.items()}
+    eff = {v: (s.req_per_cpu_s if s else math.nan) for v, s in steps.items()}
+    ceiling_fp32, best_batch = best_ceiling(result, "fp32")
+    ceiling_int8, _ = best_ceiling(result, "int8")
+    ceiling_cpu = best_ceiling_cpu(result, "fp32")
+    decode_ms = result.decode_ms.get("mix", math.nan)
+    # A server that decodes and infers on the same cores pays both per image.
+    with_decode_cpu = 1.0 / (1.0 / ceiling_cpu + decode_ms / 1000.0) \
+        if ceiling_cpu and not math.isnan(ceiling_cpu) else math.nan
+    service = steps["service"]
+    return {
+        "users": users, "rps": rps, "req_per_cpu_s": eff,
+        "ceiling_fp32": ceiling_fp32, "best_batch": best_batch, "ceiling_int8": ceiling_int8,
+        "ceiling_fp32_per_cpu_s": ceiling_cpu, "decode_ms": decode_ms,
+        "ceiling_with_decode_per_cpu_s": with_decode_cpu,
+        "service_vs_ceiling": _ratio(rps["service"], ceiling_fp32),
+        "service_vs_ceiling_cpu": _ratio(eff["service"], ceiling_cpu),
+        "service_vs_ceiling_with_decode_cpu": _ratio(eff["service"], with_decode_cpu),
+        "batching_on_vs_off": _ratio(rps["service"], rps["nobatch"]),
+        "batching_on_vs_off_cpu": _ratio(eff["service"], eff["nobatch"]),
+        "service_vs_baseline": _ratio(rps["service"], rps["baseline"]),
+        "service_vs_baseline_cpu": _ratio(eff["service"], eff["baseline"]),
+        "int8_vs_fp32": _ratio(rps["int8"], rps["service"]),
+        "int8_vs_fp32_cpu": _ratio(eff["int8"], eff["service"]),
+        "service_errors": service.load.failures if service else None,
+        "service_failure_reasons": service.load.failure_reasons if service else {},
+        "service_cpu_pct": service.server_cpu_pct if service else math.nan,
+        "baseline_cpu_pct": steps["baseline"].server_cpu_pct if steps["baseline"] else math.nan,
+        "cold_start_s": result.cold_start_s.get("service", math.nan),
+        "cold_start_cpu_s": result.cold_start_cpu_s.get("service", math.nan),
+        "profile": result.profile,
+        "not_measured": result.not_measured,
+    }
+
+
+def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
+    """(target, met?, why) for each target of the issue; None = not measured."""
+    out = []
+    ratio = s["service_vs_baseline"]
+    out.append((f"service >= {TARGET_VS_BASELINE:g}x baseline req/s at {s['users']} users",
+                None if math.isnan(ratio) else ratio >= TARGET_VS_BASELINE,
+                (f"{_fmt(ratio, 2)}x ({_fmt(s['rps']['service'])} vs "
+                 f"{_fmt(s['rps']['baseline'])} req/s); per server CPU-second "
+                 f"{_fmt(s['service_vs_baseline_cpu'], 2)}x ({_fmt(s['req_per_cpu_s']['service'])}"
+                 f" vs {_fmt(s['req_per_cpu_s']['baseline'])}); the servers got "
+                 f"{_fmt(s['service_cpu_pct'], 0)}% and {_fmt(s['baseline_cpu_pct'], 0)}% of "
+                 "a core")))
+    errors = s["service_errors"]
+    reasons = "; ".join(f"{n}x {r}" for r, n in list(s["service_failure_reasons"].items())[:3])
+    out.append((f"zero errors at {s['users']} users", None if errors is None else errors == 0,
+                f"{errors} errors" + (f": {reasons}" if reasons else "")))
+    ratio = s["service_vs_ceiling"]
+    why = (f"{_fmt(ratio, 2)} of the in-process ceiling ({_fmt(s['ceiling_fp32'], 0)} images/s "
+           f"at batch {s['best_batch']}); per CPU-second {_fmt(s['service_vs_ceiling_cpu'], 2)}"
+           f" ({_fmt(s['req_per_cpu_s']['service'])} vs "
+           f"{_fmt(s['ceiling_fp32_per_cpu_s'], 0)} images/CPU-s)")
+    if not math.isnan(ratio) and ratio < TARGET_VS_CEILING:
+        why += (f". Decode + preprocess costs {_fmt(s['decode_ms'])} CPU-ms/image, which "
+                "alone caps a server that also infers on the same core at "
+                f"{_fmt(s['ceiling_with_decode_per_cpu_s'], 0)} images/CPU-s "
+                f"({_fmt(s['service_vs_ceiling_with_decode_cpu'], 2)} of that reached); the "
+                "rest is HTTP, multipart parsing and the hop between BentoML's API and model "
+                "processes")
+    if s["profile"]:
+        why += ". py-spy on the service at this load (busy samples): " + ", ".join(
+            f"{stage} {share:.0f}%" for stage, share in s["profile"].items())
+    out.append((f"service >= {TARGET_VS_CEILING:g} x in-process ceiling",
+                None if math.isnan(ratio) else ratio >= TARGET_VS_CEILING, why))
+    cold = s["cold_start_s"]
+    out.append((f"cold start <= {TARGET_COLD_START_S:g} s (bentoml serve -> /readyz 200)",
+                None if math.isnan(cold) else cold <= TARGET_COLD_START_S,
+                (f"{_fmt(cold)} s wall, {_fmt(s['cold_start_cpu_s'])} CPU-s in the server's "
+                "processes (3 Python processes each importing BentoML; the model loads in one)")))
+    return out
+
+
+def markdown(result: BenchResult, config: BenchServeConfig, s: dict,
+             command: str) -> str:
+    lines = [(f"Run {result.started} on {result.machine}. Cores: {result.cpu_split}; "
+             f"{result.threads} intra-op thread(s) for ONNX Runtime and torch."),
+             f"Command: `{command}`", "",
+             ("| server | users | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+             "| server CPU % | Locust CPU % |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for step in result.steps:
+        load = step.load
+        lines.append(f"| {VARIANT_NAMES[step.variant]} | {step.users} | {_fmt(load.rps)} | "
+                     f"{_fmt(load.p50_ms, 0)} | {_fmt(load.p95_ms, 0)} | {_fmt(load.p99_ms, 0)} | "
+                     f"{load.failures} | {_fmt(step.mean_batch)} | {_fmt(step.server_cpu_pct, 0)}"
+                     f" | {_fmt(step.req_per_cpu_s)} | {_fmt(load.loadgen_cpu_pct, 0)} | "
+                     f"{_fmt(step.rss_mb, 0)} |")
+    lines += ["", "| in-process ceiling (ONNX Runtime, preprocessed tensors) | "
+              + " | ".join(f"batch {p['batch_size']}" for p in result.ceiling.get("fp32", []))
+              + " |", "|---|" + "---|" * len(result.ceiling.get("fp32", []))]
+    for name, points in result.ceiling.items():
+        lines.append(f"| {name} images/s | " + " | ".join(_fmt(p["images_per_s"], 0)
+                                                          for p in points) + " |")
+        lines.append(f"| {name} images per CPU-s | " + " | ".join(
+            _fmt(p["images_per_cpu_s"], 0) for p in points) + " |")
+    lines += ["", "Decode + preprocess (bytes -> tensor, `load_and_preprocess`), CPU ms/image: "
+              + ", ".join(f"{k} {_fmt(v)}" for k, v in result.decode_ms.items()) + ".",
+              "Cold start (server start -> first /readyz 200): "
+              + ", ".join(f"{k} {_fmt(v)} s ({_fmt(result.cold_start_cpu_s.get(k))} CPU-s)"
+                          for k, v in result.cold_start_s.items()) + ".", "",
+              (f"Ratios at {s['users']} users, req/s (per server CPU-second in brackets): "
+              f"service / ceiling {_fmt(s['service_vs_ceiling'], 2)} "
+              f"({_fmt(s['service_vs_ceiling_cpu'], 2)}; / ceiling with decode "
+              f"{_fmt(s['service_vs_ceiling_with_decode_cpu'], 2)}), batching on / off "
+              f"{_fmt(s['batching_on_vs_off'], 2)} ({_fmt(s['batching_on_vs_off_cpu'], 2)}), "
+              f"service / baseline {_fmt(s['service_vs_baseline'], 2)} "
+              f"({_fmt(s['service_vs_baseline_cpu'], 2)}), int8 / fp32 "
+              f"{_fmt(s['int8_vs_fp32'], 2)} ({_fmt(s['int8_vs_fp32_cpu'], 2)})."), ""]
+    for variant, why in result.not_measured.items():
+        lines.append(f"- {VARIANT_NAMES[variant]}: not measured, {why}")
+    if s["profile"]:
+        lines.append("- where the fp32 service's CPU time goes at this load (py-spy, all its "
+                     "processes): " + ", ".join(f"{stage} {share:.0f}%"
+                                                for stage, share in s["profile"].items()))
+    for target, met, why in verdicts(s):
+        mark = "not measured" if met is None else ("met" if met else "MISSED")
+        lines.append(f"- {target}: **{mark}**, {why}")
+    return "\n".join(lines) + "\n"
+
+
+def render(result: BenchResult, config: BenchServeConfig, console: Console,
+           command: str = "make bench-serve") -> dict:
+    from loadtests.bench_serve import save
+
+    users = max(config.users)
+    s = summary(result, users)
+    table = Table(title="bench-serve (closed-loop users, /classify, one photo per request)")
+    for column in ("server", "users", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+                   "mean batch", "server CPU %", "req/CPU-s", "Locust CPU %", "RSS MB"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for step in result.steps:
+        load = step.load
+        table.add_row(SHORT_NAMES[step.variant], str(step.users), _fmt(load.rps),
+                      _fmt(load.p50_ms, 0), _fmt(load.p95_ms, 0), _fmt(load.p99_ms, 0),
+                      str(load.failures), _fmt(step.mean_batch), _fmt(step.server_cpu_pct, 0),
+                      _fmt(step.req_per_cpu_s), _fmt(load.loadgen_cpu_pct, 0),
+                      _fmt(step.rss_mb, 0))
+    console.print(table)
+    text = markdown(result, config, s, command)
+    console.print(text.split("\n\n", 2)[-1])
+    (config.out / "bench_serve.md").write_text(text)
+    save(result, config.out)
+    console.print(f"[dim]written: {config.out}/bench_serve.md, bench_serve.json, Locust "
+                  "CSV/HTML per step[/]")
+    return s

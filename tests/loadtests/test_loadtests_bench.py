@@ -1,0 +1,62 @@
+"""bench-serve and soak end to end in miniature: real servers, real Locust, short steps.
+
+The figures are not judged here (the machine is shared and tests carry no wall-clock bounds);
+what is checked is that every variant is measured side by side with zero errors, that the
+table, ratios, verdicts and files come out, and that the soak samples memory and latency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from loadtests.bench_serve import BenchServeConfig, run_bench
+from loadtests.report import summary
+from loadtests.soak import SoakConfig, run_soak
+
+
+def test_bench_serve_measures_service_and_baseline_side_by_side(tiny_onnx_model, tiny_run,
+                                                                  tmp_path):
+    config = BenchServeConfig(
+        run=tiny_run, model=tiny_onnx_model, users=[2], duration_s=3, warmup_s=1,
+        variants=["service", "nobatch", "baseline"], ceiling_batch_sizes=[1, 4],
+        ceiling_seconds=0.3, out=tmp_path, profile=False)
+    result = run_bench(config)
+
+    assert [(s.variant, s.users) for s in result.steps] == \
+        [("service", 2), ("nobatch", 2), ("baseline", 2)]
+    for step in result.steps:
+        assert step.load.requests > 0 and step.load.failures == 0, step.load.failure_reasons
+        assert step.rss_mb > 0 and step.server_cpu_pct > 0
+    service, nobatch = result.steps[0], result.steps[1]
+    assert service.batches > 0 and service.mean_batch >= 1.0
+    assert nobatch.mean_batch == 1.0 or math.isnan(nobatch.mean_batch)  # batching off
+    assert set(result.cold_start_s) == {"service", "nobatch", "baseline"}
+    assert [p["batch_size"] for p in result.ceiling["fp32"]] == [1, 4]
+    assert all(p["images_per_s"] > 0 for p in result.ceiling["fp32"])
+    assert set(result.decode_ms) == {"thumb", "original", "large", "mix"}
+    assert result.decode_ms["large"] > result.decode_ms["thumb"]  # same photos, 5x the pixels
+
+    figures = summary(result, 2)
+    assert figures["service_vs_baseline"] > 0 and figures["batching_on_vs_off"] > 0
+    markdown = (tmp_path / "bench_serve.md").read_text()
+    assert "| service fp32, batching on | 2 |" in markdown
+    assert "| baseline FastAPI + torch eager | 2 |" in markdown
+    assert "zero errors at 2 users: **met**" in markdown
+    assert "int8" in markdown  # int8 not measured here, and the report says so
+    saved = json.loads((tmp_path / "bench_serve.json").read_text())
+    assert len(saved["steps"]) == 3
+    assert (tmp_path / "service_u2.html").is_file()
+
+
+def test_soak_reports_memory_and_latency_over_time(tiny_service, tmp_path):
+    config = SoakConfig(host=tiny_service.url, duration_s=8, warmup_s=1, users=2,
+                        think_time_s=0.05, sample_every_s=0.5, out=tmp_path, cpu_split="shared")
+    report = run_soak(config)
+    assert report.requests > 0 and report.failures == 0
+    assert report.samples >= 5
+    assert report.rss_first_mb > 0 and report.rss_last_mb > 0
+    assert not math.isnan(report.p95_first_ms) and not math.isnan(report.p95_last_ms)
+    assert json.loads((tmp_path / "soak.json").read_text())["requests"] == report.requests
+    assert (tmp_path / "soak.png").stat().st_size > 0
+    assert (tmp_path / "soak_samples.csv").read_text().count("\n") == report.samples + 1
