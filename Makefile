@@ -42,6 +42,10 @@ chromium:  ## Debian's chromium for the review page's browser tests (apt-get whe
 bench-review: $(STAMP)  ## review page over 20,000 images: keyset vs OFFSET pages, thumbnails cold/warm
 	$(PY) -m collector.review.bench $(BENCH_REVIEW_ARGS)
 
+# --- trainer (trainer/) ---------------------------------------------------------------------
+bench-train: $(STAMP)  ## trainer: default recipe vs plain linear probe, clothing-small, 224 px, CPU
+	$(PY) -m trainer.bench $(BENCH_TRAIN_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check collector trainer service loadtests tests
 

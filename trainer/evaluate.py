@@ -180,16 +180,16 @@ def write_model_card(run: RunDir, contract, metrics: dict, history: list[dict],
     best = metrics["best_epoch"]
     lines = [
         f"# Model card: {contract.name} {contract.version}", "",
-        f"Fine-tuned **{contract.architecture}** classifier for {len(contract.labels)} product "
+        (f"Fine-tuned **{contract.architecture}** classifier for {len(contract.labels)} product "
         f"labels, input {contract.input_size} px (centre crop {contract.crop_pct}), "
-        f"mean {list(contract.mean)}, std {list(contract.std)}.", "",
+        f"mean {list(contract.mean)}, std {list(contract.std)}."), "",
         "## Results", "",
-        f"Evaluated on {metrics['evaluated_on']} ({metrics['images']} images, "
-        f"{metrics['skipped']} unreadable skipped) through the service's own preprocessing:", "",
+        (f"Evaluated on {metrics['evaluated_on']} ({metrics['images']} images, "
+        f"{metrics['skipped']} unreadable skipped) through the service's own preprocessing:"), "",
         f"- accuracy **{metrics['accuracy']:.4f}**",
         f"- macro-F1 **{metrics['macro_f1']:.4f}**",
-        f"- selected: epoch {best.get('epoch')} ({best.get('phase')}) by validation macro-F1; "
-        f"training wall time {history[-1]['wall_s'] if history else '?'} s", "",
+        (f"- selected: epoch {best.get('epoch')} ({best.get('phase')}) by validation macro-F1; "
+        f"training wall time {history[-1]['wall_s'] if history else '?'} s"), "",
         "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|",
         *[f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for name, m in metrics["per_class"].items()], "",

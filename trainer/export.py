@@ -61,7 +61,7 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
                                   output_names=[ONNX_OUTPUT], dynamo=True, optimize=True,
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
                                   verbose=False)
-            except Exception as exc:  # an op the dynamo exporter cannot trace yet
+            except Exception as exc:  # noqa: BLE001 - any op the dynamo exporter cannot trace yet
                 log.warning("dynamo exporter failed (%s); falling back to TorchScript", exc)
                 used = "torchscript"
         if used == "torchscript":

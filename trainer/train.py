@@ -136,13 +136,14 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 # --- the head phase: backbone frozen, features computed once -------------------------------
 
 @torch.no_grad()
-def extract_features(model: Classifier, images, device, batch_size: int,
-                     channels_last: bool, progress: Progress, description: str) -> torch.Tensor:
+def extract_features(model: Classifier, batches, total: int, device, channels_last: bool,
+                     progress: Progress, description: str) -> torch.Tensor:
+    """Pooled backbone features for an iterable of preprocessed batches."""
     model.eval()
-    task = progress.add_task(description, total=len(images), info="")
+    task = progress.add_task(description, total=total, info="")
     feats = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
+    for batch in batches:
+        batch = batch.to(device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device):
@@ -179,17 +180,18 @@ def train_head(model: Classifier, train_feats: torch.Tensor, train_labels: torch
     head.eval()
 
 
-def eval_view(train_set: TrainImages, contract: ModelContract) -> torch.Tensor:
-    """Training photos through the evaluation transform (centre crop), for the head phase."""
+def eval_view(train_set: TrainImages, contract: ModelContract, batch_size: int):
+    """Batches of training photos through the evaluation transform (centre crop), for the
+    head phase; made batch by batch so the whole set never sits in RAM as float32."""
     from trainer.data import _eval_pil
 
-    mean = torch.tensor(contract.mean).view(3, 1, 1)
-    std = torch.tensor(contract.std).view(3, 1, 1)
-    out = torch.empty(len(train_set), 3, contract.input_size, contract.input_size)
-    for i, image in enumerate(train_set.images):
-        array = np.asarray(_eval_pil(image, contract), dtype=np.float32) / 255.0
-        out[i] = (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
-    return out
+    mean = torch.tensor(contract.mean).view(1, 3, 1, 1)
+    std = torch.tensor(contract.std).view(1, 3, 1, 1)
+    for start in range(0, len(train_set), batch_size):
+        crops = [np.asarray(_eval_pil(image, contract), dtype=np.float32)
+                 for image in train_set.images[start:start + batch_size]]
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) / 255.0
+        yield ((batch - mean) / std).contiguous()
 
 
 # --- fine-tuning --------------------------------------------------------------------------
@@ -334,8 +336,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         with progress_bar(console) as progress:
             if train_set.images is None:
                 raise ValueError("the head phase needs cache_images=True")
-            train_feats = extract_features(model, eval_view(train_set, contract), device,
-                                           config.eval_batch_size, config.channels_last,
+            train_feats = extract_features(model, eval_view(train_set, contract,
+                                                            config.eval_batch_size),
+                                           len(train_set), device, config.channels_last,
                                            progress, "head phase: backbone features of train")
         train_head(model, train_feats, torch.tensor(train_set.labels), config, loss_weights,
                    device)

@@ -1,0 +1,93 @@
+"""Export: the ONNX file computes what torch computes, carries the contract, and the BentoML
+model store entry loads the way the service loads it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from service.contract import ONNX_INPUT, ONNX_OUTPUT
+from service.model_store import read_contract, resolve_model
+from trainer.data import EvalImages, Skipped
+from trainer.export import export, onnx_logits, run_samples, session, torch_logits
+from trainer.runs import RunDir, load_trained
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run):
+    return export(tiny_run, int8=True, name="trainer-test-model")
+
+
+def test_onnx_matches_torch_on_real_photos(exported, tiny_run):
+    model, contract, _ = load_trained(tiny_run)
+    images = EvalImages(run_samples(RunDir(tiny_run), "val"), contract, Skipped()).tensor.numpy()
+    sess = session(exported.onnx_path)
+    ours, theirs = onnx_logits(sess, images), torch_logits(model, images)
+    assert np.abs(ours - theirs).max() < 1e-3
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    parity = exported.report["parity"]
+    assert parity["top1_identical"] and parity["max_abs_logit_diff"] < 1e-3
+    assert exported.report["val_acc_onnx"] == exported.report["val_acc_torch"]
+
+
+def test_batch_axis_is_dynamic_and_named_as_the_contract_says(exported, tiny_run):
+    sess = session(exported.onnx_path)
+    assert [i.name for i in sess.get_inputs()] == [ONNX_INPUT]
+    assert [o.name for o in sess.get_outputs()] == [ONNX_OUTPUT]
+    contract = read_contract(exported.onnx_path)
+    size = contract.input_size
+    for batch in (1, 5):
+        x = np.zeros((batch, 3, size, size), np.float32)
+        assert sess.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0].shape == (batch, len(contract.labels))
+
+
+def test_contract_is_in_the_onnx_metadata(exported, tiny_run):
+    _, trained_contract, _ = load_trained(tiny_run)
+    assert read_contract(exported.onnx_path) == trained_contract
+    assert trained_contract.labels == ["hat", "pants", "shoes", "t-shirt"]
+    assert trained_contract.architecture == "tf_efficientnet_lite0"
+    assert (trained_contract.mean, trained_contract.std) == ((0.5,) * 3, (0.5,) * 3)
+    props = {p.key: p.value for p in onnx.load(str(exported.onnx_path)).metadata_props}
+    assert json.loads(props["labels"]) == trained_contract.labels
+
+
+def test_int8_model_is_quantized_and_reported(exported):
+    assert exported.int8_path.is_file()
+    proto = onnx.load(str(exported.int8_path))
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert read_contract(exported.int8_path) == read_contract(exported.onnx_path)
+    report = exported.report["int8"]
+    assert 0 <= report["val_acc"] <= 1 and report["images_per_s_batch16"] > 0
+    assert report["calibration_images"] > 0
+
+
+def test_bentoml_store_entry_loads(exported, tiny_run):
+    resolved = resolve_model("trainer-test-model:latest")
+    assert resolved.tag == exported.tag
+    assert resolved.contract == read_contract(exported.onnx_path)
+    assert resolved.metrics["val_acc"] == exported.report["val_acc_onnx"]
+    store_dir = resolved.onnx_path.parent
+    assert (store_dir / "model.int8.onnx").is_file()
+    assert (store_dir / "MODEL_CARD.md").is_file()
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    assert np.array_equal(session(resolved.onnx_path).run(None, {ONNX_INPUT: x})[0],
+                          session(exported.onnx_path).run(None, {ONNX_INPUT: x})[0])
+
+
+def test_evaluation_report_is_written(tiny_run):
+    report = tiny_run / "report"
+    for name in ("confusion_matrix.png", "curves.png", "worst_mistakes.png"):
+        assert (report / name).stat().st_size > 5000, name
+        assert (report / name).read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((report / "metrics.json").read_text())
+    matrix = json.loads((report / "confusion_matrix.json").read_text())
+    total = np.array(matrix["rows_true_cols_predicted"])
+    assert total.sum() == metrics["images"]
+    assert metrics["accuracy"] == pytest.approx(np.trace(total) / total.sum())
+    assert set(metrics["per_class"]) == {"hat", "pants", "shoes", "t-shirt"}
+    card = (report / "MODEL_CARD.md").read_text()
+    assert f"accuracy **{metrics['accuracy']:.4f}**" in card and "## Config" in card

