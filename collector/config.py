@@ -112,9 +112,14 @@ class SourcesConfig(_Strict):
                              description="manifest.sqlite and images/ go here (relative to "
                                          "the YAML file)")
     categories: dict[str, list[str]] = Field(
-        min_length=1, description="label -> start URLs (search or category pages)")
+        default_factory=dict, description="label -> start URLs (search or category pages)")
+    url_lists: dict[str, Path] = Field(
+        default_factory=dict,
+        description="label -> text file of image URLs, one a line (no listing pages: the "
+                    "img2dataset-style input; relative to the YAML file)")
     sites: dict[str, SiteProfile] = Field(
-        min_length=1, description="host[:port] -> profile; a single profile applies to all")
+        default_factory=dict,
+        description="host[:port] -> profile; a single profile applies to all")
     follow_product_pages: bool = Field(
         False, description="open each product page for the full-size image")
     limits: Limits = Limits()
@@ -139,7 +144,10 @@ class SourcesConfig(_Strict):
 
     @model_validator(mode="after")
     def _every_url_has_a_profile(self) -> SourcesConfig:
-        if len(self.sites) == 1:
+        if not self.categories and not self.url_lists:
+            raise ValueError("nothing to collect: give categories (label -> start URLs) "
+                             "or url_lists (label -> file of image URLs)")
+        if len(self.sites) == 1 or not self.categories:
             return self
         for label, urls in self.categories.items():
             for url in urls:
@@ -147,6 +155,13 @@ class SourcesConfig(_Strict):
                     raise ValueError(f"categories.{label}: no site profile for host "
                                      f"{urlsplit(url).netloc!r} (sites has "
                                      f"{sorted(self.sites)})")
+        return self
+
+    @model_validator(mode="after")
+    def _categories_need_a_profile(self) -> SourcesConfig:
+        if self.categories and not self.sites:
+            raise ValueError("categories need at least one site profile under 'sites' "
+                             "(how to find product cards on the listing pages)")
         return self
 
     def profile_for(self, url: str) -> SiteProfile:
@@ -184,4 +199,10 @@ def load_sources(path: str | Path) -> SourcesConfig:
         raise ConfigError(f"{path}: {exc.error_count()} problem(s)\n{_format(exc)}") from None
     if not config.output_dir.is_absolute():
         config.output_dir = (path.parent / config.output_dir).resolve()
+    for label, url_file in config.url_lists.items():
+        url_file = url_file if url_file.is_absolute() else (path.parent / url_file).resolve()
+        if not url_file.is_file():
+            raise ConfigError(f"{path}: 1 problem(s)\n  url_lists.{label}: no such file "
+                              f"{url_file}")
+        config.url_lists[label] = url_file
     return config

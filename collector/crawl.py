@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -67,7 +68,13 @@ class Crawler:
         self.fetcher = fetcher
         self.progress = progress
         self.stats = CrawlStats()
-        self.queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, int, str]] = asyncio.Queue()
+        # Image outcomes are batched: one transaction per ~100 instead of one each (SQLite
+        # commits dominated the CPU profile). A kill -9 loses at most the unflushed batch,
+        # whose rows are still 'pending' and are simply redone on resume.
+        self._writes: list[tuple[Callable[..., None], tuple, dict]] = []
+        self._last_flush = time.monotonic()
+        self._stored_by_url: dict[str, dict] = {}   # same URL under another label: reuse
         self._pages_task = progress.add_task("pages", total=None, status="") if progress else None
         self._images_task = progress.add_task("images", total=0, status="") if progress else None
 
@@ -90,13 +97,50 @@ class Crawler:
             for label, urls in self.config.categories.items():
                 for url in urls:
                     self.manifest.add_page(url, label, "listing", 1)
+            for label, url_file in self.config.url_lists.items():
+                self.seed_url_list(label, url_file)
+        self.check_files()
+        for row in self.manifest.query(
+                "SELECT url, path, bytes, width, height, format, sha256, phash, http_status "
+                "FROM images WHERE status IN ('downloaded', 'ok', 'duplicate', 'conflict')"):
+            self._stored_by_url[row["url"]] = dict(row)
         pending = self.manifest.pending_images()
         for row in pending:
-            self.queue.put_nowait(("image", row["id"]))
+            self.queue.put_nowait(("image", row["id"], row["url"]))
         products = self.manifest.pending_pages("product")
         for row in products:
-            self.queue.put_nowait(("product", row["id"]))
+            self.queue.put_nowait(("product", row["id"], row["url"]))
         self._tick(discovered=len(pending) + len(products))
+
+    def check_files(self) -> None:
+        """Rows whose file is gone or the wrong size (power loss, a user's rm) go back to
+        pending: the manifest never claims an image it cannot hand over."""
+        lost = []
+        for row in self.manifest.query(
+                "SELECT id, path, bytes FROM images WHERE path IS NOT NULL"):
+            file = self.store.root / row["path"]
+            try:
+                if file.stat().st_size == row["bytes"]:
+                    continue
+            except FileNotFoundError:
+                pass
+            lost.append(row["id"])
+        if lost:
+            with self.manifest.transaction() as db:
+                db.executemany("UPDATE images SET status = 'pending', path = NULL "
+                               "WHERE id = ?", [(i,) for i in lost])
+
+    def seed_url_list(self, label: str, url_file) -> None:
+        """Image URLs given directly (no listing page): one image row each, file order."""
+        limit = self.config.limits.max_images_per_label
+        known = self.manifest.count_products(label)
+        for position, line in enumerate(url_file.read_text().splitlines()):
+            url = line.strip()
+            if not url or url.startswith("#") or known >= limit:
+                continue
+            if self.manifest.add_image(url, label, page_url=url_file.as_uri(),
+                                       shop=urlsplit(url).netloc, position=position):
+                known += 1
 
     async def walk_label(self, label: str) -> None:
         while True:
@@ -133,14 +177,14 @@ class Crawler:
                         product.product_url, label, "product", page["page_no"], url,
                         product.product_id, product.title)
                     if page_id:
-                        new.append(("product", page_id))
+                        new.append(("product", page_id, product.product_url))
                 elif product.image_url:
                     image_id = self.manifest.add_image(
                         product.image_url, label, product_id=product.product_id,
                         product_title=product.title, product_url=product.product_url,
                         page_url=url, shop=shop, position=product.position)
                     if image_id:
-                        new.append(("image", image_id))
+                        new.append(("image", image_id, product.image_url))
             next_url = listing.next_url
             if (next_url and page["page_no"] < self.config.limits.max_pages
                     and self.manifest.count_products(label) < limit):
@@ -160,20 +204,33 @@ class Crawler:
     # -- workers -------------------------------------------------------------------------
     async def worker(self) -> None:
         while True:
-            kind, item_id = await self.queue.get()
+            kind, item_id, url = await self.queue.get()
             try:
                 if kind == "image":
-                    await self.image(item_id)
+                    await self.image(item_id, url)
                 else:
                     await self.product_page(item_id)
             except Exception as exc:  # noqa: BLE001 (one bad item must not stop the crawl)
                 if kind == "image":
-                    self.manifest.mark_unusable(item_id, "failed", "internal_error",
-                                                f"{type(exc).__name__}: {exc}")
+                    self._write(self.manifest.mark_unusable, item_id, "failed",
+                                "internal_error", f"{type(exc).__name__}: {exc}")
                 else:
                     self.manifest.finish_page(item_id, "failed", "internal_error")
             finally:
                 self.queue.task_done()
+
+    def _write(self, method: Callable[..., None], *args: object, **kwargs: object) -> None:
+        self._writes.append((method, args, kwargs))
+        if len(self._writes) >= 100 or time.monotonic() - self._last_flush > 0.5:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._writes:
+            with self.manifest.transaction():
+                for method, args, kwargs in self._writes:
+                    method(*args, **kwargs)
+            self._writes.clear()
+        self._last_flush = time.monotonic()
 
     async def product_page(self, page_id: int) -> None:
         page = self.manifest.page(page_id)
@@ -200,43 +257,44 @@ class Crawler:
             self.manifest.finish_page(page_id, "done", None if image_url else "no_image",
                                       fetched.status, int(bool(image_url)))
         if image_id:
-            await self.image(image_id)
+            await self.image(image_id, image_url)
         else:
             self._image_done("failed")
 
-    async def image(self, image_id: int) -> None:
-        row = self.manifest.image(image_id)
-        if row["status"] != "pending":
-            return
-        url = row["url"]
-        copy = self.manifest.stored_copy(url)
+    async def image(self, image_id: int, url: str) -> None:
+        copy = self._stored_by_url.get(url)
         if copy is not None:             # same URL under another label: bytes already here
-            self.manifest.mark_stored(image_id, path=copy["path"], size=copy["bytes"],
-                                      width=copy["width"], height=copy["height"],
-                                      fmt=copy["format"], sha256=copy["sha256"],
-                                      phash=copy["phash"], http_status=copy["http_status"])
+            self._write(self.manifest.mark_stored, image_id, path=copy["path"],
+                        size=copy["bytes"], width=copy["width"], height=copy["height"],
+                        fmt=copy["format"], sha256=copy["sha256"], phash=copy["phash"],
+                        http_status=copy["http_status"])
             self.stats.reused += 1
             return self._image_done("stored")
         if not await self.fetcher.allowed(url):
-            self.manifest.mark_unusable(image_id, "blocked", "robots", "disallowed by robots.txt")
+            self._write(self.manifest.mark_unusable, image_id, "blocked", "robots",
+                        "disallowed by robots.txt")
             return self._image_done("blocked")
         try:
             fetched = await self.fetcher.get(url)
         except FetchError as exc:
-            self.manifest.mark_unusable(image_id, "failed", exc.reason, exc.detail,
-                                        exc.http_status)
+            self._write(self.manifest.mark_unusable, image_id, "failed", exc.reason,
+                        exc.detail, exc.http_status)
             return self._image_done("failed")
         data = fetched.content
         try:
             valid = await asyncio.to_thread(validate_image, data, self.config.validation)
         except ImageDecodeError as exc:
-            self.manifest.mark_unusable(image_id, "rejected", exc.reason, exc.detail,
-                                        fetched.status, len(data))
+            self._write(self.manifest.mark_unusable, image_id, "rejected", exc.reason,
+                        exc.detail, fetched.status, len(data))
             return self._image_done("rejected")
         path = await asyncio.to_thread(self.store.put, data, valid.sha256, valid.extension)
-        self.manifest.mark_stored(image_id, path=path, size=len(data), width=valid.width,
-                                  height=valid.height, fmt=valid.format, sha256=valid.sha256,
-                                  phash=valid.phash, http_status=fetched.status)
+        facts = {"path": path, "bytes": len(data), "width": valid.width,
+                 "height": valid.height, "format": valid.format, "sha256": valid.sha256,
+                 "phash": valid.phash, "http_status": fetched.status}
+        self._stored_by_url.setdefault(url, facts)
+        self._write(self.manifest.mark_stored, image_id, path=path, size=len(data),
+                    width=valid.width, height=valid.height, fmt=valid.format,
+                    sha256=valid.sha256, phash=valid.phash, http_status=fetched.status)
         self._image_done("stored")
 
     def _image_done(self, outcome: str) -> None:
@@ -260,6 +318,7 @@ class Crawler:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            self.flush()       # also on Ctrl-C: keep every finished image
         dedup = run_dedup(self.manifest, self.config.dedup.hamming_threshold)
         return CrawlResult(self.stats, dedup, dict(self.fetcher.stats))
 

@@ -22,9 +22,11 @@ from service.contract import ImageDecodeError, decode_image
 # Pillow format -> file extension for the content-addressed store and the export.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
               "TIFF": "tif", "MPO": "jpg", "AVIF": "avif"}
-# phash looks at a 32x32 thumbnail: decoding JPEGs at a reduced DCT scale changes nothing
-# that matters for it and is ~3x faster. Truncation still fails the (reduced) decode.
-_HASH_DRAFT = 256
+# phash looks at a 32x32 thumbnail, so JPEGs are decoded at a reduced DCT scale (short side
+# >= 64): 3.6 -> 0.9 ms per photo here. The whole entropy-coded stream is still decoded, so
+# truncated and damaged files still fail. Measured on 300 shared-dataset photos: half-size
+# and 90 % re-encodes were all within 6 bits at 256, 128 and 64, with no false pairs.
+_HASH_DRAFT = 64
 
 
 @dataclass(frozen=True)
