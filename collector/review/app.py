@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -58,7 +59,47 @@ class KeepRequest(BaseModel):
     image_id: int
 
 
-def create_app(manifest: Path, thumbnail_dir: Path | None = None) -> Starlette:
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class LocalOnly:
+    """Refuse what another web site open in the same browser could send to this local app.
+
+    - Host must be a loopback name while we listen on loopback (DNS rebinding);
+    - a POST must be JSON (a cross-site form or text/plain POST is not) and, when the browser
+      names its Origin, come from this app's own origin (CSRF).
+    """
+
+    def __init__(self, app, check_host: bool = True):
+        self.app = app
+        self.check_host = check_host
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            problem = self._problem(scope)
+            if problem:
+                status, message = problem
+                await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _problem(self, scope) -> tuple[int, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+        if self.check_host and name not in LOOPBACK_NAMES:
+            return 403, f"host {host!r} refused: the review app answers on 127.0.0.1 only"
+        if scope["method"] == "POST":
+            origin = headers.get("origin")
+            if origin is not None and origin != f"http://{host}":
+                return 403, f"cross-origin request from {origin} refused"
+            if not headers.get("content-type", "").startswith("application/json"):
+                return 415, "POST bodies must be application/json"
+        return None
+
+
+def create_app(manifest: Path, thumbnail_dir: Path | None = None,
+               check_host: bool = True) -> Starlette:
     store = ReviewStore(manifest)
     thumbs = ThumbnailCache(thumbnail_dir or store.root / ".review" / "thumbs")
 
@@ -145,8 +186,8 @@ def create_app(manifest: Path, thumbnail_dir: Path | None = None) -> Starlette:
         Route("/api/groups/{group_id:int}/keep", keep, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={
-        ReviewError: review_error, HTTPException: http_error})
+    app = Starlette(routes=routes, middleware=[Middleware(LocalOnly, check_host=check_host)],
+                    exception_handlers={ReviewError: review_error, HTTPException: http_error})
     app.state.store = store
     return app
 
@@ -195,7 +236,8 @@ def serve(config: ReviewConfig) -> None:
 
         result = rank(RankConfig(manifest=config.manifest, model=config.rank))
         print(f"ranked {result['ranked']} images ({result['model']})", file=sys.stderr)
-    app = create_app(config.manifest, config.thumbnail_dir)
+    app = create_app(config.manifest, config.thumbnail_dir,
+                     check_host=config.host in LOOPBACK_NAMES)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level="warning", access_log=False))
     if config.browser:

@@ -5,6 +5,11 @@ times through HTTP, side by side in one run (medians of repeats):
 - a page of 60 cards at the start and deep in the set, keyset (what the app does) vs OFFSET;
 - a label-filtered page and a most-suspect-first page;
 - a thumbnail made cold vs served from the cache.
+
+Then label-noise ranking quality on real photos (../shared/datasets/clothing-small): flip a
+known 5% of labels at random, rank, and compare side by side how well the suspect score finds
+them: out-of-sample k-fold (what `collector.review.rank` does) vs the same classifier scored
+on the images it was fit on (in-sample), vs chance.
 """
 
 from __future__ import annotations
@@ -92,7 +97,96 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--catalog", type=Path, default=REPO / "demo_data" / "catalog")
+    parser.add_argument("--rank-data", type=Path,
+                        default=REPO.parent / "shared" / "datasets" / "clothing-small")
+    parser.add_argument("--rank-images", type=int, default=1500,
+                        help="photos used for the ranking benchmark (0 = all)")
+    parser.add_argument("--noise", type=float, default=0.05, help="fraction of labels flipped")
+    parser.add_argument("--skip-paging", action="store_true")
+    parser.add_argument("--skip-ranking", action="store_true")
     args = parser.parse_args(argv)
+    if not args.skip_paging:
+        bench_paging(args)
+    if not args.skip_ranking:
+        bench_ranking(args)
+    return 0
+
+
+def bench_ranking(args) -> None:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
+
+    from collector.review.embeddings import load_backbone
+    from collector.review.rank import embed_with_cache
+    from collector.review.ranking import find_label_issues, out_of_sample_probs, reduce_features
+
+    photos = sorted(args.rank_data.glob("*/*/*.jpg"))
+    if not photos:
+        console.print(f"[yellow]no photos under {args.rank_data}: ranking benchmark skipped")
+        return
+    rng = np.random.default_rng(0)
+    if args.rank_images and args.rank_images < len(photos):
+        photos = [photos[i] for i in sorted(rng.choice(len(photos), args.rank_images,
+                                                       replace=False))]
+    truth = [p.parent.name for p in photos]
+    classes = sorted(set(truth))
+    noisy = list(truth)
+    flipped = rng.choice(len(photos), round(args.noise * len(photos)), replace=False)
+    for i in flipped:
+        noisy[i] = str(rng.choice([c for c in classes if c != truth[i]]))
+    is_flipped = np.zeros(len(photos), bool)
+    is_flipped[flipped] = True
+
+    backbone = load_backbone("imagenet", threads=2)
+    start = time.perf_counter()
+    # Cached across runs (bench_out/ is not committed): re-running compares rankers only.
+    features = embed_with_cache(backbone, [str(p) for p in photos], photos,
+                                REPO / "bench_out" / "review-embeddings.npz")
+    embed_s = time.perf_counter() - start
+    ok = ~np.isnan(features).any(axis=1)
+    features, noisy_ok, flags = features[ok], [noisy[i] for i in np.flatnonzero(ok)], \
+        is_flipped[ok]
+
+    def scores(probs, classes_):
+        issues = find_label_issues(probs, noisy_ok, classes_)
+        return issues.suspect_score
+
+    start = time.perf_counter()
+    probs, fitted_classes = out_of_sample_probs(features, noisy_ok)
+    oos_s = time.perf_counter() - start
+    y = np.array([fitted_classes.index(label) for label in noisy_ok])
+    start = time.perf_counter()
+    with threadpool_limits(limits=1):   # the same features and classifier, minus the folds
+        reduced = reduce_features(features)
+        in_probs = LogisticRegression(C=1.0, max_iter=500).fit(reduced, y).predict_proba(reduced)
+    in_s = time.perf_counter() - start
+
+    k = int(flags.sum())
+    table = Table(title=f"finding {k} flipped labels among {len(flags)} real photos "
+                        f"({args.noise:.0%} noise)")
+    for column in ("scored by", "precision@k", "recall@2k", "AUROC", "fit s"):
+        table.add_column(column, justify="right" if column != "scored by" else "left")
+    results = {}
+    for name, score, seconds in [
+            ("out-of-sample 5-fold (review rank)", scores(probs, fitted_classes), oos_s),
+            ("in-sample (fit on the same images)", scores(in_probs, fitted_classes), in_s),
+            ("chance", rng.random(len(flags)), 0.0)]:
+        order = np.argsort(-score)
+        precision = flags[order[:k]].mean()
+        recall = flags[order[:2 * k]].sum() / k
+        auroc = roc_auc_score(flags, score)
+        results[name] = (precision, recall, auroc)
+        table.add_row(name, f"{precision:.2f}", f"{recall:.2f}", f"{auroc:.3f}", f"{seconds:.1f}")
+    console.print(table)
+    oos, ins = results["out-of-sample 5-fold (review rank)"], \
+        results["in-sample (fit on the same images)"]
+    console.print(f"out-of-sample / in-sample precision@k = {oos[0] / max(ins[0], 1e-9):.2f}x; "
+                  f"embedding {len(photos)} photos: {embed_s:.0f} s (0 when cached)")
+
+
+def bench_paging(args) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-review-"))
     proc = None
@@ -154,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"deep page: OFFSET / keyset = {offset_ratio:.1f}x; "
                       f"deep / first page over HTTP = {rows[1][1] / rows[0][1]:.2f}x; "
                       f"thumbnail cold / cached = {thumbs[0][1] / thumbs[1][1]:.1f}x")
-        return 0
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

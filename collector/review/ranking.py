@@ -36,7 +36,6 @@ class LabelIssues:
 def out_of_sample_probs(features: np.ndarray, labels: list[str], folds: int = DEFAULT_FOLDS,
                         seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """[N, C] probabilities, each row from a model trained on the other folds."""
-    from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from threadpoolctl import threadpool_limits
@@ -58,8 +57,7 @@ def out_of_sample_probs(features: np.ndarray, labels: list[str], folds: int = DE
     # to the scale where the default C=1 regularises well.
     with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only N members"
-        dims = min(PCA_DIMS, features.shape[1], len(y) - 1)
-        reduced = PCA(dims, random_state=seed).fit_transform(features) * 10.0
+        reduced = reduce_features(features, seed)
         for train_idx, test_idx in splitter.split(reduced, y):
             train_y = y[train_idx]
             if len(np.unique(train_y)) < 2:
@@ -69,6 +67,14 @@ def out_of_sample_probs(features: np.ndarray, labels: list[str], folds: int = DE
             fold_probs = model.predict_proba(reduced[test_idx])
             probs[test_idx[:, None], model.classes_[None, :]] = fold_probs
     return probs, classes
+
+
+def reduce_features(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """PCA to PCA_DIMS (fit without labels) and scaled for the default C=1 (see above)."""
+    from sklearn.decomposition import PCA
+
+    dims = min(PCA_DIMS, features.shape[1], len(features) - 1)
+    return PCA(dims, random_state=seed).fit_transform(features) * 10.0
 
 
 def find_label_issues(probs: np.ndarray, labels: list[str], classes: list[str]) -> LabelIssues:

@@ -26,9 +26,19 @@ def test_review_api_answers_bad_requests_with_clear_4xx(review_server, review_ma
         response = client.post("/api/actions", json={"action": "approve", "ids": [10**9]})
         assert response.status_code == 404
         assert client.get("/api/images/999999").status_code == 404
-        response = client.post("/api/undo")
+        response = client.post("/api/undo", json={})
         assert response.status_code == 400 and "nothing to undo" in response.json()["error"]
         assert client.get("/api/groups", params={"kind": "both"}).status_code == 400
+        # What another site open in the same browser could send is refused (CSRF, rebinding).
+        ok_body = {"action": "approve", "ids": [review_manifest["ids"]["hat"][0]]}
+        response = client.post("/api/actions", json=ok_body,
+                               headers={"Origin": "http://evil.example"})
+        assert response.status_code == 403 and "cross-origin" in response.json()["error"]
+        response = client.post("/api/actions", content=str(ok_body).replace("'", '"'),
+                               headers={"Content-Type": "text/plain"})
+        assert response.status_code == 415
+        response = client.get("/api/summary", headers={"Host": "evil.example"})
+        assert response.status_code == 403
         # Nothing above wrote a decision.
         assert ReviewStore(review_manifest["manifest"]).summary()["undoable"] == 0
 

@@ -28,7 +28,7 @@ const state = {
 
 // ---------------------------------------------------------------- server
 async function api(path, body) {
-  const init = body === undefined ? {} : {
+  const init = body === undefined ? {} : {  // JSON only: the server refuses other POSTs (CSRF)
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
   const response = await fetch(path, init);
   const data = await response.json().catch(() => ({error: response.statusText}));
