@@ -12,7 +12,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export PYTHONUNBUFFERED := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean bench-service
+.PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean bench-service container-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -76,3 +76,5 @@ soak: $(STAMP)  ## steady load for SOAK_TIME s on a fresh service: memory and la
 bench-service: $(STAMP)  ## service topology: API + batched model service vs one service, ratios
 	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) --prepare-only
 	$(PY) -m service.bench_topology --model $(BENCH_RUN)/export/model.onnx $(BENCH_SERVICE_ARGS)
+container-check: $(STAMP)  ## service image: bentoml containerize (buildah) + podman run, /readyz + /classify
+	$(PY) -m service.container_check $(CONTAINER_CHECK_ARGS)
