@@ -42,6 +42,15 @@ chromium:  ## Debian's chromium for the review page's browser tests (apt-get whe
 bench-review: $(STAMP)  ## review page over 20,000 images: keyset vs OFFSET pages, thumbnails cold/warm
 	$(PY) -m collector.review.bench $(BENCH_REVIEW_ARGS)
 
+# --- collector (collector/) -----------------------------------------------------------------
+# img2dataset pins its own deps: it lives in .venv-bench, never in .venv.
+.venv-bench/bin/img2dataset:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q img2dataset
+
+bench-collect: $(STAMP) .venv-bench/bin/img2dataset  ## collector vs img2dataset, same URLs on 127.0.0.1, images/s
+	$(PY) -m collector.bench $(BENCH_COLLECT_ARGS)
+
 # --- trainer (trainer/) ---------------------------------------------------------------------
 bench-train: $(STAMP)  ## trainer: default recipe vs plain linear probe, clothing-small, 224 px, CPU
 	$(PY) -m trainer.bench $(BENCH_TRAIN_ARGS)

@@ -31,7 +31,7 @@ from collector.download import ImageStore
 from collector.extract import extract_listing, extract_product_image
 from collector.fetch import Fetcher, FetchError
 from collector.manifest import Manifest, open_manifest
-from collector.validate import validate_image
+from collector.validate import ValidImage, validate_image
 from service.contract import ImageDecodeError
 
 
@@ -80,7 +80,7 @@ class Crawler:
 
     # -- progress ------------------------------------------------------------------------
     def _tick(self, pages: int = 0, images: int = 0, discovered: int = 0) -> None:
-        if not self.progress:
+        if not self.progress or self.progress.disable:
             return
         s = self.stats
         rate = s.images_done / s.elapsed if s.elapsed > 0 else 0.0
@@ -281,13 +281,12 @@ class Crawler:
                         exc.detail, exc.http_status)
             return self._image_done("failed")
         data = fetched.content
-        try:
-            valid = await asyncio.to_thread(validate_image, data, self.config.validation)
+        try:   # decode, hash and write in one trip to a worker thread (Pillow drops the GIL)
+            valid, path = await asyncio.to_thread(self._validate_and_store, data)
         except ImageDecodeError as exc:
             self._write(self.manifest.mark_unusable, image_id, "rejected", exc.reason,
                         exc.detail, fetched.status, len(data))
             return self._image_done("rejected")
-        path = await asyncio.to_thread(self.store.put, data, valid.sha256, valid.extension)
         facts = {"path": path, "bytes": len(data), "width": valid.width,
                  "height": valid.height, "format": valid.format, "sha256": valid.sha256,
                  "phash": valid.phash, "http_status": fetched.status}
@@ -296,6 +295,10 @@ class Crawler:
                     width=valid.width, height=valid.height, fmt=valid.format,
                     sha256=valid.sha256, phash=valid.phash, http_status=fetched.status)
         self._image_done("stored")
+
+    def _validate_and_store(self, data: bytes) -> tuple[ValidImage, str]:
+        valid = validate_image(data, self.config.validation)
+        return valid, self.store.put(data, valid.sha256, valid.extension)
 
     def _image_done(self, outcome: str) -> None:
         self.stats.images_done += 1
