@@ -12,6 +12,7 @@ limits (413), field names and kinds, the number of images (400). It also sheds l
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
@@ -47,8 +48,10 @@ async def send_error(send, status: int, reason: str, message: str,
 
 class RequestGuard:
     def __init__(self, app, *, routes: dict[str, ImageRoute], max_image_bytes: int,
-                 max_concurrency: int, retry_after_s: int):
+                 max_concurrency: int, retry_after_s: int,
+                 on_reject: Callable[[str], None] = lambda reason: None):
         self.app = app
+        self.on_reject = on_reject  # e.g. a Prometheus counter by reason
         self.routes = routes
         self.max_image_bytes = max_image_bytes
         self.max_concurrency = max_concurrency
@@ -63,6 +66,7 @@ class RequestGuard:
         if route is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.max_concurrency:
+            self.on_reject("too_many_requests")
             return await send_error(send, 429, "too_many_requests",
                                     f"{self.in_flight} requests in flight, the limit is "
                                     f"{self.max_concurrency}; retry shortly")
@@ -72,6 +76,7 @@ class RequestGuard:
             await self._check_form(scope, body, route)
             await self.app(scope, _replay(body, receive), send)
         except GuardError as error:
+            self.on_reject(error.reason)
             await send_error(send, error.status, error.reason, error.message)
         finally:
             self.in_flight -= 1

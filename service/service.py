@@ -11,7 +11,6 @@ Serve with `bentoml serve` in the repository root (bentofile.yaml names `Product
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import bentoml
@@ -29,7 +28,6 @@ from service.runtime import check_model_file, create_session, run_logits
 from service.schemas import BatchPrediction, LabelScore, ModelCard, ModelRef, Prediction
 from service.settings import ServiceSettings
 
-logger = logging.getLogger("product_classifier.service")
 settings = ServiceSettings()
 install_fixed_batch_window(settings.batch_wait_ms)
 
@@ -53,8 +51,8 @@ predictions_counter = bentoml.metrics.Counter(
     name="classifier_predictions", documentation="answered images by returned label "
     "('none' when below min_score)", labelnames=["label"])
 rejections_counter = bentoml.metrics.Counter(
-    name="classifier_rejected_images", documentation="images refused, by reason",
-    labelnames=["reason"])
+    name="classifier_rejected_requests", documentation="requests refused with a 4xx/429/503, "
+    "by reason", labelnames=["reason"])
 
 
 # BentoML 1.4 recycles the API->model client session every 100 requests (or 300 s) by closing
@@ -130,6 +128,7 @@ class ProductClassifier:
         try:
             logits = await self.model.to_async.logits(np.stack(tensors))
         except ServiceUnavailable:
+            rejections_counter.labels(reason="overloaded").inc()
             return JSONResponse({"error": "the model is overloaded, retry shortly",
                                  "reason": "overloaded"}, status_code=503)
         return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
@@ -171,4 +170,5 @@ def _image_routes(service) -> dict[str, ImageRoute]:
 ProductClassifier.add_asgi_middleware(
     RequestGuard, routes=_image_routes(ProductClassifier),
     max_image_bytes=settings.max_image_bytes, max_concurrency=settings.max_concurrency,
-    retry_after_s=settings.retry_after_s)
+    retry_after_s=settings.retry_after_s,
+    on_reject=lambda reason: rejections_counter.labels(reason=reason).inc())

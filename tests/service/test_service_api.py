@@ -172,12 +172,16 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_input_gets_clear_4xx_and_server_stays_healthy(client, photos, case):
     path, make_request, status, reason = BAD_REQUESTS[case]
+    rejected_before = scrape(client, "classifier_rejected_requests_total")
     response = client.post(path, **make_request(photos))
     assert response.status_code == status, response.text
     body = response.json()
     assert body["error"]
     if reason:
         assert body["reason"] == reason
+    rejected = scrape(client, "classifier_rejected_requests_total")
+    key = f'classifier_rejected_requests_total{{reason="{body["reason"]}"}}'
+    assert rejected.get(key, 0) == rejected_before.get(key, 0) + 1
     assert_healthy(client)
     name, data = photos[0]
     assert client.post("/classify", files={"image": (name, data)}).status_code == 200
