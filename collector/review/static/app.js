@@ -150,6 +150,12 @@ async function loadSummary() {
   syncControls();
 }
 
+// Counts scan the whole manifest (~0.2 s at 20,000 images): refresh once a burst of keys ends.
+function refreshSummarySoon() {
+  clearTimeout(refreshSummarySoon.timer);
+  refreshSummarySoon.timer = setTimeout(() => loadSummary().catch((err) => toast(err.message, "error")), 400);
+}
+
 // ---------------------------------------------------------------- grid
 async function loadPage() {
   if (state.view !== "grid") return loadGroups();
@@ -316,7 +322,7 @@ async function act(action, extra = {}) {
             : "nothing changed (no model suggestion for these images)");
     state.selected.clear();
     if (single && n) moveFocus(1); else renderFocus();
-    loadSummary();
+    refreshSummarySoon();
   } catch (err) {
     toast(err.message, "error");
   }
@@ -333,7 +339,7 @@ async function undo() {
       loadGroups();
     }
     toast(`undone: ${result.action.replace("_", " ")} on ${result.changed.length} image(s)`);
-    loadSummary();
+    refreshSummarySoon();
   } catch (err) {
     toast(err.message, "error");
   }
@@ -387,8 +393,11 @@ function moveCandidates() {
   const typed = $("#move-filter").value.trim().toLowerCase();
   const current = state.items[state.focus]?.effective_label;
   const list = state.labels.filter((l) => l.toLowerCase().includes(typed));
-  // The current label goes last: moving an image to where it is helps nobody.
-  list.sort((a, b) => (a === current) - (b === current));
+  // Exact match first, then prefix matches; the current label last (moving an image to
+  // where it already is helps nobody).
+  const rank = (l) => (l === current ? 3 : l.toLowerCase() === typed ? 0
+                       : l.toLowerCase().startsWith(typed) ? 1 : 2);
+  list.sort((a, b) => rank(a) - rank(b));
   if (typed && !state.labels.some((l) => l.toLowerCase() === typed)) list.push($("#move-filter").value.trim());
   return list;
 }
@@ -507,7 +516,7 @@ async function keepOne(groupId, imageId) {
     const result = await api(`/api/groups/${groupId}/keep`, {image_id: imageId});
     toast(`kept #${imageId}, rejected ${result.changed.length - 1} · u to undo`);
     await loadGroups();
-    loadSummary();
+    refreshSummarySoon();
   } catch (err) {
     toast(err.message, "error");
   }
