@@ -39,7 +39,7 @@ chromium:  ## Debian's chromium for the review page's browser tests (apt-get whe
 	@test -x $(CHROMIUM) || { echo "installing chromium (review page tests drive it)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-bench-review: $(STAMP)  ## review page over 20,000 images: keyset vs OFFSET pages, thumbnails cold/warm
+bench-review: $(STAMP)  ## review page: 20,000-image paging, thumbnails; finding flipped labels
 	$(PY) -m collector.review.bench $(BENCH_REVIEW_ARGS)
 
 # --- collector (collector/) -----------------------------------------------------------------
