@@ -8,6 +8,7 @@ decisions in the dataset. Screenshots go to reports/review-screenshots/ for a pe
 from __future__ import annotations
 
 import csv
+import signal
 
 from collector.export import export_dataset
 from collector.manifest import Manifest
@@ -134,8 +135,8 @@ def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
     assert not page.errors, page.errors
     page.close()
 
-    # Restart the app: every decision is still there, in the page too.
-    review_server.stop()
+    # kill -9 the app and start it again: every decision is still there, in the page too.
+    review_server.stop(signal.SIGKILL)
     review_server.start()
     page = open_page(browser, review_server.url + "/#review=rejected", requests)
     page.wait_for_function("document.querySelectorAll('#grid .card').length === 3")
