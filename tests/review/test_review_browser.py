@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import signal
 
+import pytest
+
 from collector.export import export_dataset
 from collector.manifest import Manifest
 from tests.review.conftest import XSS_TITLE, card, open_page, row, wait_for_thumbnails
 
 
+@pytest.mark.parametrize("review_manifest", [8], indirect=True)  # 8 photos per label suffice
 def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
         browser, review_manifest, review_server, screenshots, tmp_path):
     manifest, ids = review_manifest["manifest"], review_manifest["ids"]
