@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ReviewConfig.model_validate(parsed.model_dump())
     try:
         serve(config)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -46,9 +46,13 @@ class Backbone:
 
 
 def load_backbone(model: str = IMAGENET, threads: int | None = None) -> Backbone:
-    if model == IMAGENET:
-        return _imagenet_backbone(threads)
-    return _onnx_backbone(model, threads)
+    try:
+        if model == IMAGENET:
+            return _imagenet_backbone(threads)
+        return _onnx_backbone(model, threads)
+    except ImportError as exc:
+        raise ImportError(f"model-assisted review needs the [train] extra ({exc.name} is "
+                          "missing): pip install -e '.[train]'") from exc
 
 
 def _imagenet_backbone(threads: int | None) -> Backbone:

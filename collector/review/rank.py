@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     config = CliApp.run(_RankCli, cli_args=sys.argv[1:] if argv is None else argv)
     try:
         result = rank(RankConfig.model_validate(config.model_dump()))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     console.print(f"ranked {result['ranked']} images with {result['model']}: out-of-sample "
