@@ -82,6 +82,10 @@ function syncControls() {
 }
 
 function setFilter(changes) {
+  // A changed select/checkbox/slider hands the keyboard back to the grid at once.
+  if (document.activeElement?.matches("select, input[type=checkbox], input[type=range]")) {
+    document.activeElement.blur();
+  }
   Object.assign(state.filters, changes);
   state.cursors = [null];
   state.pageIndex = 0;
@@ -255,6 +259,14 @@ function fillCard(el, item) {
   const source = safeUrl(item.product_url) || safeUrl(item.page_url) || safeUrl(item.url);
   if (source) shop.href = source;
   if (collectorNote) el.querySelector(".note").textContent = collectorNote;
+  const group = el.querySelector(".group");
+  if (group) {
+    group.addEventListener("click", (event) => {
+      event.stopPropagation();
+      if (state.view !== "grid") setView("grid");
+      setFilter({group: String(item.group_id), label: ""});
+    });
+  }
   if (item.review_reason) el.querySelector(".reason").textContent = item.review_reason;
 }
 
