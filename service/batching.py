@@ -16,32 +16,49 @@ past `max_latency_ms` is kept as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bentoml._internal.marshal import dispatcher as _dispatcher
 
 _StockOptimizer = _dispatcher.Optimizer
+_observer: Callable[[float], None] | None = None  # e.g. a Prometheus gauge's `set`
 
 
 class FixedWindowOptimizer(_StockOptimizer):
-    """BentoML's optimizer with `wait` pinned to `window_s` instead of the observed mean wait."""
+    """BentoML's optimizer with `wait` pinned to `window_s` (None: BentoML's learnt value).
 
-    window_s: float = 0.0
+    Either way the window is reported to the observer after every refresh, so /metrics shows
+    how long a lone request is being held back.
+    """
+
+    window_s: float | None = 0.0
 
     def __init__(self, max_latency: float):
         super().__init__(max_latency)
-        self.wait = self.window_s
+        self._apply_window()
 
     def trigger_refresh(self) -> None:
         super().trigger_refresh()
-        self.wait = self.window_s
+        self._apply_window()
+
+    def _apply_window(self) -> None:
+        if self.window_s is not None:
+            self.wait = self.window_s
+        if _observer is not None:
+            _observer(self.wait)
 
 
-def install_fixed_batch_window(window_ms: float) -> None:
-    """Make every CorkDispatcher created from now on in this process use a fixed window.
+def install_batch_window(window_ms: float | None,
+                         observer: Callable[[float], None] | None = None) -> None:
+    """Make every CorkDispatcher created from now on in this process use our optimizer.
 
-    Call before BentoML builds the service's app (i.e. when the service module is imported):
-    dispatchers look `Optimizer` up when they are constructed.
+    `window_ms=None` keeps BentoML's learnt window (to measure it). Call before BentoML builds
+    the service's app (i.e. when the service module is imported): dispatchers look `Optimizer`
+    up when they are constructed.
     """
-    FixedWindowOptimizer.window_s = window_ms / 1000.0
+    global _observer
+    FixedWindowOptimizer.window_s = None if window_ms is None else window_ms / 1000.0
+    _observer = observer
     _dispatcher.Optimizer = FixedWindowOptimizer
 
 

@@ -7,6 +7,8 @@ order, and drives each with the same real photos from the same client:
   one-service    service.one_service:OneService (decode + ONNX Runtime inside one batched API)
 Reports, per variant, the median over rounds of: a lone client's p50/p95 latency, and with
 `users` concurrent clients the throughput and p50/p95. Ratios are against `split`.
+Then, burst recovery: a lone client's p50 before and after a `users`-client burst, with the
+fixed batching window (service/batching.py) and with BentoML's learnt one.
 
     make bench-service    (or: python -m service.bench_topology --help)
 """
@@ -55,13 +57,18 @@ class TopologyBench(BaseSettings):
     ort_threads: int = Field(2, ge=1, description="ONNX Runtime threads in every variant")
     out: Path = Field(REPO / "bench_out/service_topology.json", description="JSON results")
     guard_only: bool = Field(False, description="only time the request guard's form parse")
+    burst_only: bool = Field(False, description="only run the burst-recovery step")
+    burst_s: float = Field(8.0, gt=0, description="length of the burst in the recovery step")
 
     def cli_cmd(self) -> None:
         photo = min(self.photos.rglob("*.jpg")).read_bytes()
         console.print(f"request guard: form parse of a {len(photo)} B photo body takes "
                       f"{guard_parse_ms(photo):.3f} ms (median of 300)")
-        if not self.guard_only:
+        if self.burst_only:
+            burst_recovery(self)
+        elif not self.guard_only:
             run(self)
+            burst_recovery(self)
 
 
 def guard_parse_ms(photo: bytes, repeats: int = 300) -> float:
@@ -198,6 +205,69 @@ def run(config: TopologyBench) -> dict[str, Figures]:
         "rounds": {k: [s.model_dump() for s in v] for k, v in samples.items()}}, indent=2))
     console.print(f"saved {config.out}")
     return medians
+
+
+def burst_recovery(config: TopologyBench) -> dict[str, dict[str, float]]:
+    """Lone p50 before and after a burst, fixed window vs BentoML's learnt window."""
+    photos = [p.read_bytes() for p in sorted(config.photos.rglob("*.jpg"))[:60]]
+    env = {"MODEL_TAG": str(config.model), "CLASSIFIER_ORT_THREADS": str(config.ort_threads),
+           "CLASSIFIER_MAX_LATENCY_MS": "10000"}  # measure waiting, not shedding
+    results = {}
+    for name, extra in (("fixed window (served)", {}),
+                        ("BentoML learnt window", {"CLASSIFIER_LEARNT_BATCH_WINDOW": "true"})):
+        console.print(f"burst recovery: {name}")
+        process, url = _serve("service.service:ProductClassifier", {**env, **extra},
+                              config.out.parent / "serve-burst.log")
+        try:
+            with httpx.Client(base_url=url, timeout=60,
+                              limits=httpx.Limits(max_connections=config.users)) as client:
+                def post(i: int) -> float:
+                    start = time.perf_counter()
+                    client.post("/classify", files={"image": ("p.jpg", photos[i % len(photos)])}
+                                ).raise_for_status()
+                    return time.perf_counter() - start
+
+                def lone() -> float:
+                    times = []
+                    for i in range(config.lone_requests):
+                        times.append(post(i))
+                        time.sleep(0.05)  # a trickle: each request finds the queue empty
+                    return statistics.median(times) * 1e3
+
+                def window_ms() -> float:
+                    text = client.get("/metrics").text
+                    values = [float(line.split()[-1]) for line in text.splitlines()
+                              if line.startswith("classifier_batch_window_seconds")]
+                    return max(values, default=float("nan")) * 1e3
+
+                for i in range(24):
+                    post(i)
+                before = lone()
+                deadline = time.monotonic() + config.burst_s  # > BentoML's 5 s refresh period
+                with ThreadPoolExecutor(config.users) as pool:
+                    while time.monotonic() < deadline:
+                        list(pool.map(post, range(config.users * 4)))
+                time.sleep(5.5)  # let BentoML refresh its window from the burst's queue waits
+                window = window_ms()
+                after = lone()
+        finally:
+            _stop(process)
+        results[name] = {"before_p50_ms": before, "after_p50_ms": after,
+                         "window_after_burst_ms": window}
+    table = Table(title=f"lone p50 before/after a {config.users}-user, {config.burst_s:.0f} s "
+                        "burst")
+    for column in ("batching window", "window after burst ms", "before ms", "after ms",
+                   "after / before"):
+        table.add_column(column, justify="right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['window_after_burst_ms']:.1f}", f"{r['before_p50_ms']:.1f}",
+                      f"{r['after_p50_ms']:.1f}", f"{r['after_p50_ms'] / r['before_p50_ms']:.2f}x")
+    console.print(table)
+    out = config.out.with_name("service_burst_recovery.json")
+    out.write_text(json.dumps({"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                               "model": str(config.model), "results": results}, indent=2))
+    console.print(f"saved {out}")
+    return results
 
 
 def _report(medians: dict[str, Figures], config: TopologyBench) -> None:

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from pydantic import Field
 from starlette.responses import JSONResponse
 
-from service.batching import install_fixed_batch_window
+from service.batching import install_batch_window
 from service.contract import ContractError, ImageDecodeError, load_and_preprocess, softmax
 from service.guard import ImageRoute, RequestGuard
 from service.model_store import resolve_model
@@ -29,7 +29,6 @@ from service.schemas import BatchPrediction, LabelScore, ModelCard, ModelRef, Pr
 from service.settings import ServiceSettings
 
 settings = ServiceSettings()
-install_fixed_batch_window(settings.batch_wait_ms)
 
 # Checked at import, i.e. in `bentoml serve` itself before any worker starts: a model without a
 # usable contract stops start-up with this message (raised in a worker, BentoML would respawn it
@@ -50,6 +49,12 @@ batch_size_histogram = bentoml.metrics.Histogram(
 predictions_counter = bentoml.metrics.Counter(
     name="classifier_predictions", documentation="answered images by returned label "
     "('none' when below min_score)", labelnames=["label"])
+batch_window_gauge = bentoml.metrics.Gauge(
+    name="classifier_batch_window_seconds", documentation="how long the batcher holds a lone "
+    "request back hoping for a fuller batch (as of its latest refresh)",
+    multiprocess_mode="livemax")
+install_batch_window(None if settings.learnt_batch_window else settings.batch_wait_ms,
+                     observer=batch_window_gauge.set)
 rejections_counter = bentoml.metrics.Counter(
     name="classifier_rejected_requests", documentation="requests refused with a 4xx/429/503, "
     "by reason", labelnames=["reason"])

@@ -40,6 +40,9 @@ class ServiceSettings(BaseSettings):
     batch_wait_ms: float = Field(
         0.0, ge=0, description="how long an idle model waits for a fuller batch; 0 = run at "
         "once (batches still form from requests that arrive while a batch runs)")
+    learnt_batch_window: bool = Field(
+        False, description="use BentoML's own learnt cork window instead of batch_wait_ms "
+        "(only to measure the difference: it holds lone requests back after a burst)")
     max_concurrency: int = Field(
         64, ge=1, description="requests in flight per API worker before answering 429")
     timeout_s: float = Field(30.0, gt=0, description="per-request timeout (504 after it)")

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from bentoml._internal.marshal import dispatcher as bentoml_dispatcher
 
-from service.batching import FixedWindowOptimizer, install_fixed_batch_window, stock_optimizer
+from service.batching import FixedWindowOptimizer, install_batch_window, stock_optimizer
 
 
 async def _burst_then_window(max_batch_size: int = 16) -> tuple[float, list[int]]:
@@ -54,14 +54,23 @@ def test_stock_batcher_learns_a_long_window_from_a_burst(restore_optimizer):
 
 
 def test_fixed_window_stays_at_the_setting_after_a_burst(restore_optimizer):
-    install_fixed_batch_window(0)
+    reported = []
+    install_batch_window(0, observer=reported.append)
     window, batches = asyncio.run(_burst_then_window())
     assert window == 0.0
     assert max(batches) > 1, "batches must still form while the model is busy"
+    assert reported and set(reported) == {0.0}
 
 
 def test_fixed_window_is_the_configured_value(restore_optimizer):
-    install_fixed_batch_window(3)
+    install_batch_window(3)
     assert bentoml_dispatcher.Optimizer is FixedWindowOptimizer
     window, _ = asyncio.run(_burst_then_window())
     assert window == pytest.approx(0.003)
+
+
+def test_learnt_window_is_reported_when_kept(restore_optimizer):
+    reported = []
+    install_batch_window(None, observer=reported.append)
+    window, _ = asyncio.run(_burst_then_window())
+    assert window > 0.005 and reported[-1] == window
