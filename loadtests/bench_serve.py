@@ -59,8 +59,10 @@ class BenchServeConfig(BaseSettings):
     run: Path | None = Field(None, description=(
         "trainer run folder: checkpoints/best.pt (baseline), export/model.onnx (fp32) and "
         "export/model.int8.onnx (int8); exported first if export/ is missing"))
-    model: Path | None = Field(None, description="fp32 .onnx to serve (default RUN/export/model.onnx)")
-    int8_model: Path | None = Field(None, description="int8 .onnx (default RUN/export/model.int8.onnx)")
+    model: Path | None = Field(None, description=(
+        "fp32 .onnx to serve (default RUN/export/model.onnx)"))
+    int8_model: Path | None = Field(None, description=(
+        "int8 .onnx (default RUN/export/model.int8.onnx)"))
     users: list[int] = Field([1, 8, 32], description="concurrent closed-loop users per load step")
     duration_s: float = Field(20.0, gt=0, description="seconds of measured load per step")
     warmup_s: float = Field(4.0, ge=0, description="unmeasured load after each server start")
@@ -73,10 +75,13 @@ class BenchServeConfig(BaseSettings):
     loadgen_cpus: str = Field("0", description="cores for Locust (pinned)")
     threads: int | None = Field(None, ge=1, description=(
         "ONNX Runtime / torch intra-op threads; default: the number of server cores"))
-    ceiling_batch_sizes: list[int] = Field([1, 8, 16, 32])
+    ceiling_batch_sizes: list[int] = Field([1, 8, 16, 32], description=(
+        "batch sizes tried for the in-process ceiling; the best one counts"))
     ceiling_seconds: float = Field(3.0, gt=0, description="seconds per ceiling batch size")
-    catalog: Path = Field(DEFAULT_CATALOG, description="photos posted by Locust and timed for decode")
+    catalog: Path = Field(DEFAULT_CATALOG, description=(
+        "photos posted by Locust and timed for decode"))
     sizes: str = Field("thumb,original,large", description="photo size classes posted")
+    photos_per_label: int = Field(3, ge=1, description="photos per label, each in every size")
     out: Path = Field(REPO / "bench_out" / "serve", description="reports, logs, JSON, markdown")
     profile: bool = Field(True, description=(
         "after the measured steps, py-spy the fp32 service under the largest load and report "
@@ -171,7 +176,7 @@ def measure_server(server: ServerProcess, variant: str, config: BenchServeConfig
                    loadgen_cpus: str | None, result: BenchResult) -> None:
     label = "service" if variant != "baseline" else "baseline"
     extra = ["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
-             "--catalog", str(config.catalog)]
+             "--catalog", str(config.catalog), "--photos-per-label", str(config.photos_per_label)]
     if config.warmup_s:
         run_locust(server.url, max(config.users), config.warmup_s,
                    config.out / f"{variant}_warmup", cpus=loadgen_cpus, extra=extra,
@@ -210,14 +215,16 @@ def profile_server(server: ServerProcess, config: BenchServeConfig,
         return {}
     run_locust(server.url, max(config.users), seconds + 2, config.out / "profile_load",
                cpus=loadgen_cpus, timeout_s=seconds + 90,
-               extra=["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes])
+               extra=["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
+                      "--photos-per-label", str(config.photos_per_label)])
     try:
         _, errors = recorder.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         recorder.kill()
         errors = b"timed out"
     if not raw.is_file():
-        console.print(f"[yellow]py-spy wrote no profile: {errors.decode(errors='replace')[-300:]}[/]")
+        detail = errors.decode(errors="replace")[-300:]
+        console.print(f"[yellow]py-spy wrote no profile: {detail}[/]")
         return {}
     shares = profile.stage_shares(raw)
     console.print("where the service's CPU time goes: " + ", ".join(
@@ -233,7 +240,8 @@ def run_bench(config: BenchServeConfig) -> BenchResult:
     threads = config.threads or (_cpu_count(config.server_cpus) if pinned else os.cpu_count())
     fp32, int8, run_dir = resolve_models(config)
     contract = read_contract(fp32)
-    payloads = load_payloads(config.catalog, 3, tuple(config.sizes.split(",")))
+    payloads = load_payloads(config.catalog, config.photos_per_label,
+                             tuple(config.sizes.split(",")))
     result = BenchResult(
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         machine=f"{platform.node()} {os.cpu_count()} cores, load avg at start "
@@ -258,6 +266,13 @@ def run_bench(config: BenchServeConfig) -> BenchResult:
         console.print(f"ceiling {name}: " + ", ".join(
             f"b{p.batch_size} {p.images_per_s:.0f}/s ({p.images_per_cpu_s:.0f}/CPU-s)"
             for p in points))
+
+    if run_dir is not None and "baseline" in config.variants:
+        point = ceiling.torch_eager_ceiling(run_dir, tensors, threads=threads, cpus=server_cpus,
+                                            seconds=config.ceiling_seconds)
+        result.ceiling["torch eager"] = [asdict(point)]
+        console.print(f"baseline's model alone (torch eager, batch 1): "
+                      f"{point.images_per_s:.0f}/s ({point.images_per_cpu_s:.0f}/CPU-s)")
 
     service_env = {"CLASSIFIER_ORT_THREADS": str(threads)}
     for variant in config.variants:

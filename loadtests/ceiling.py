@@ -108,3 +108,33 @@ def decode_cost_ms(payloads: list[Payload], contract: ModelContract, *, cpus: st
     # The load test posts every size class equally often: its cost is the mean of the classes.
     costs["mix"] = statistics.fmean(costs.values())
     return costs
+
+
+def torch_eager_ceiling(run_dir: Path, tensors: np.ndarray, *, threads: int, cpus: str | None,
+                        seconds: float = 2.0, repeats: int = 3) -> CeilingPoint:
+    """The baseline's model alone: the run's checkpoint in PyTorch eager at batch 1, as the
+    baseline app runs it per request. Bounds what any serving design can gain over it."""
+    import torch
+
+    from trainer.runs import load_trained
+
+    with cpu_affinity(cpus):
+        torch.set_num_threads(threads)
+        model, _contract, _ = load_trained(run_dir)
+        inputs = [torch.from_numpy(t[None]) for t in tensors]
+        with torch.inference_mode():
+            model(inputs[0])  # warm-up
+            rates, latencies, cpu_rates = [], [], []
+            for _ in range(repeats):
+                runs, started, cpu_started = 0, time.perf_counter(), time.process_time()
+                while True:
+                    model(inputs[runs % len(inputs)])
+                    runs += 1
+                    elapsed = time.perf_counter() - started
+                    if elapsed >= seconds / repeats or runs >= 2000:
+                        break
+                rates.append(runs / elapsed)
+                latencies.append(1000 * elapsed / runs)
+                cpu_rates.append(runs / max(time.process_time() - cpu_started, 1e-9))
+    return CeilingPoint(1, statistics.median(rates), statistics.median(latencies),
+                        statistics.median(cpu_rates))

@@ -32,6 +32,9 @@ from loadtests.payloads import DEFAULT_CATALOG, SIZE_CLASSES, Payload, load_payl
 log = logging.getLogger("loadtests")
 
 _PAYLOADS: list[Payload] = []
+# Request bodies, encoded once and shared by every user: (size class, body, content type).
+_SINGLES: list[tuple[str, bytes, str]] = []
+_BATCHES: list[tuple[bytes, str]] = []
 
 
 @events.init_command_line_parser.add_listener
@@ -66,8 +69,6 @@ def _add_arguments(parser) -> None:
 @events.init.add_listener
 def _on_init(environment, **_kwargs) -> None:
     options = environment.parsed_options
-    if options is None:  # used as a library (tests build their own Environment)
-        return
     if options.headless and not options.run_time and not options.worker:
         options.run_time = int(options.max_run_time)
         log.warning("no --run-time given: stopping after %ss (--max-run-time)", options.run_time)
@@ -82,6 +83,7 @@ def _on_init(environment, **_kwargs) -> None:
         _PAYLOADS[:] = load_payloads(Path(options.catalog), options.photos_per_label, sizes)
         log.info("loaded %d payloads (%s) from %s", len(_PAYLOADS), ",".join(sizes),
                  options.catalog)
+        build_bodies(options.image_field, options.batch_field, options.batch_images)
         # Loading blocked the gevent loop for a second or more; its cached clock is stale, and
         # Locust's --run-time timer (armed next) would fire that much early.
         gevent.get_hub().loop.update_now()
@@ -121,6 +123,15 @@ def multipart(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
+def build_bodies(image_field: str, batch_field: str, batch_images: int) -> None:
+    payloads = list(_PAYLOADS)
+    random.Random(0).shuffle(payloads)  # sizes and labels interleaved
+    _SINGLES[:] = [(p.size_class, *multipart([(image_field, p.name, p.data)])) for p in payloads]
+    _BATCHES[:] = [multipart([(batch_field, p.name, p.data)
+                              for p in payloads[start:start + batch_images]])
+                   for start in range(0, max(1, len(payloads) - batch_images + 1), batch_images)]
+
+
 class ClassifyUser(FastHttpUser):
     """One client of the shop's backend classifying product photos."""
 
@@ -130,25 +141,14 @@ class ClassifyUser(FastHttpUser):
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        think_time = options.think_time if options else 0.0
+        think_time = options.think_time
         self.wait_time = lambda: think_time
-        image_field = options.image_field if options else "image"
-        batch_field = options.batch_field if options else "images"
-        self.batch_images = options.batch_images if options else 4
-        rng = random.Random()
-        payloads = list(_PAYLOADS)
-        rng.shuffle(payloads)
-        self.singles = [(p.size_class, *multipart([(image_field, p.name, p.data)]))
-                        for p in payloads]
-        self.batches = []
-        for start in range(0, max(1, len(payloads) - self.batch_images + 1), self.batch_images):
-            chosen = payloads[start:start + self.batch_images]
-            self.batches.append(multipart([(batch_field, p.name, p.data) for p in chosen]))
-        self.turn = 0
+        self.batch_images = options.batch_images
+        self.turn = random.randrange(len(_SINGLES))  # users start at different photos
 
     @task
     def classify(self) -> None:
-        size_class, body, content_type = self.singles[self.turn % len(self.singles)]
+        size_class, body, content_type = _SINGLES[self.turn % len(_SINGLES)]
         self.turn += 1
         with self.client.post("/classify", data=body, headers={"Content-Type": content_type},
                               name=f"/classify [{size_class}]", catch_response=True) as resp:
@@ -156,7 +156,7 @@ class ClassifyUser(FastHttpUser):
 
     @task
     def classify_batch(self) -> None:
-        body, content_type = self.batches[self.turn % len(self.batches)]
+        body, content_type = _BATCHES[self.turn % len(_BATCHES)]
         self.turn += 1
         with self.client.post("/classify_batch", data=body,
                               headers={"Content-Type": content_type},

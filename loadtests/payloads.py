@@ -46,8 +46,10 @@ def load_payloads(catalog: Path = DEFAULT_CATALOG, per_label: int = 3,
     """`per_label` photos from each label folder of an ImageFolder-style catalogue, per size."""
     unknown = set(sizes) - set(SIZE_CLASSES)
     if unknown:
-        raise ValueError(f"unknown size classes {sorted(unknown)}; choose from {list(SIZE_CLASSES)}")
-    folders = sorted(p for p in Path(catalog).iterdir() if p.is_dir()) if Path(catalog).is_dir() else []
+        raise ValueError(f"unknown size classes {sorted(unknown)}; "
+                         f"choose from {list(SIZE_CLASSES)}")
+    root = Path(catalog)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not folders:
         raise FileNotFoundError(f"{catalog} has no label folders with photos "
                                 "(expected CATALOG/<label>/<photo>.jpg)")

@@ -14,17 +14,23 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-# Checked in order: the first stage whose marker is in a stack gets the sample.
+# A sample goes to the stage of the innermost frame that names one of these markers: the
+# code actually running, not a middleware that merely wraps every request.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("ONNX Runtime inference", ("run_logits", "onnxruntime_inference_collection")),
     ("JPEG decode + preprocess", ("load_and_preprocess", "decode_image", "(contract.py",
                                   "PIL/")),
-    ("multipart parsing + upload files", ("multipart", "formparsers", "tempfile",
-                                          "UploadFile", "guard.py")),
-    ("API -> model call (serialise, IPC)", ("to_async", "_bentoml_impl/client",
-                                            "serde", "httpx", "httpcore", "aiohttp")),
+    ("multipart parsing + upload files", ("multipart", "formparsers", "tempfile", "UploadFile",
+                                          "_read_body", "_check_form", "_replay")),
+    ("API -> model call (serialise, IPC)", ("to_async", "_bentoml_impl/client", "serde",
+                                            "httpx", "httpcore", "aiohttp")),
     ("answer building (pydantic, JSON)", ("pydantic", "json", "_prediction", "softmax")),
-    ("HTTP server + event loop", ("uvicorn", "starlette", "asyncio", "h11", "httptools")),
+    ("tracing + metrics (OpenTelemetry, Prometheus)", ("opentelemetry", "trace/", "_semconv",
+                                                       "prometheus_client", "metrics")),
+    ("batcher (BentoML dispatcher, batch assembly)", ("dispatcher.py", "container.py")),
+    ("HTTP server, middleware, event loop", ("uvicorn", "starlette", "asyncio", "h11",
+                                             "httptools", "anyio", "concurrent/futures",
+                                             "bentoml", "threading")),
 ]
 
 
@@ -38,21 +44,22 @@ def start_recording(pid: int, seconds: float, out: Path) -> subprocess.Popen | N
     tool = py_spy()
     if tool is None:
         return None
-    command = [tool, "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
+    # Blocking mode: --nonblocking lost almost every sample on this busy 2-core machine.
+    command = [tool, "record", "--pid", str(pid), "--subprocesses",
                "--duration", str(max(1, round(seconds))), "--rate", "50", "--format", "raw",
                "--output", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-IDLE_LEAVES = ("select (selectors.py", "wait (threading.py", "poll (selectors.py",
-               "_worker (concurrent/futures/thread.py", "get (queue.py", "sleep (")
+IDLE_LEAVES = (".select (selectors.py", ".wait (threading.py", ".poll (selectors.py",
+               "_worker (concurrent/futures/thread.py", ".get (queue.py", "sleep (")
 
 
 def stage_of(frames: list[str]) -> str:
-    stack = ";".join(frames)
-    for stage, markers in STAGES:
-        if any(marker in stack for marker in markers):
-            return stage
+    for frame in reversed(frames):  # innermost first
+        for stage, markers in STAGES:
+            if any(marker in frame for marker in markers):
+                return stage
     return "other Python"
 
 
@@ -70,7 +77,7 @@ def stage_shares(raw_path: Path) -> dict[str, float]:
             continue
         frames = stack.split(";")
         code = [f for f in frames if not f.startswith("process ")]
-        if not code or code[-1].startswith(IDLE_LEAVES):
+        if not code or any(idle in code[-1] for idle in IDLE_LEAVES):
             continue
         counts[stage_of(code)] += int(count)
     total = sum(counts.values())

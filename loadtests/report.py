@@ -66,6 +66,7 @@ def summary(result: BenchResult, users: int) -> dict:
     ceiling_fp32, best_batch = best_ceiling(result, "fp32")
     ceiling_int8, _ = best_ceiling(result, "int8")
     ceiling_cpu = best_ceiling_cpu(result, "fp32")
+    torch_cpu = best_ceiling_cpu(result, "torch eager")
     decode_ms = result.decode_ms.get("mix", math.nan)
     # A server that decodes and infers on the same cores pays both per image.
     with_decode_cpu = 1.0 / (1.0 / ceiling_cpu + decode_ms / 1000.0) \
@@ -75,6 +76,10 @@ def summary(result: BenchResult, users: int) -> dict:
         "users": users, "rps": rps, "req_per_cpu_s": eff,
         "ceiling_fp32": ceiling_fp32, "best_batch": best_batch, "ceiling_int8": ceiling_int8,
         "ceiling_fp32_per_cpu_s": ceiling_cpu, "decode_ms": decode_ms,
+        "torch_eager_per_cpu_s": torch_cpu,
+        "runtime_fp32_vs_torch": _ratio(ceiling_cpu, torch_cpu),
+        "runtime_int8_vs_torch": _ratio(best_ceiling_cpu(result, "int8"), torch_cpu),
+        "int8_vs_baseline": _ratio(rps["int8"], rps["baseline"]),
         "ceiling_with_decode_per_cpu_s": with_decode_cpu,
         "service_vs_ceiling": _ratio(rps["service"], ceiling_fp32),
         "service_vs_ceiling_cpu": _ratio(eff["service"], ceiling_cpu),
@@ -108,10 +113,27 @@ def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
                  f" vs {_fmt(s['req_per_cpu_s']['baseline'])}); the servers got "
                  f"{_fmt(s['service_cpu_pct'], 0)}% and {_fmt(s['baseline_cpu_pct'], 0)}% of "
                  "a core")))
+    if not math.isnan(s["runtime_fp32_vs_torch"]):
+        out[-1] = (*out[-1][:2], out[-1][2] + (
+            f". The runtimes alone, per CPU-second: ONNX Runtime fp32 "
+            f"{_fmt(s['runtime_fp32_vs_torch'], 2)}x and int8 "
+            f"{_fmt(s['runtime_int8_vs_torch'], 2)}x PyTorch eager"
+            + (", so on this CPU a fp32 service cannot reach "
+               f"{TARGET_VS_BASELINE:g}x even with zero serving overhead"
+               if s["runtime_fp32_vs_torch"] < TARGET_VS_BASELINE else "")
+            + f"; the int8 service reached {_fmt(s['int8_vs_baseline'], 2)}x the baseline"))
     errors = s["service_errors"]
     reasons = "; ".join(f"{n}x {r}" for r, n in list(s["service_failure_reasons"].items())[:3])
+    why = f"{errors} errors" + (f": {reasons}" if reasons else "")
+    shed = sum(n for r, n in s["service_failure_reasons"].items() if "HTTP 503" in r)
+    if errors and shed == errors and s["rps"]["service"] > 0:
+        why = (f"{errors} answers were 503 'overloaded', the service shedding load by design: "
+               f"{s['users']} closed-loop users at {_fmt(s['rps']['service'])} req/s wait about "
+               f"{s['users'] / s['rps']['service']:.2f} s each (Little's law), over the queueing "
+               f"budget CLASSIFIER_MAX_LATENCY_MS; the server got "
+               f"{_fmt(s['service_cpu_pct'], 0)}% of its core")
     out.append((f"zero errors at {s['users']} users", None if errors is None else errors == 0,
-                f"{errors} errors" + (f": {reasons}" if reasons else "")))
+                why))
     ratio = s["service_vs_ceiling"]
     why = (f"{_fmt(ratio, 2)} of the in-process ceiling ({_fmt(s['ceiling_fp32'], 0)} images/s "
            f"at batch {s['best_batch']}); per CPU-second {_fmt(s['service_vs_ceiling_cpu'], 2)}"
@@ -151,14 +173,15 @@ def markdown(result: BenchResult, config: BenchServeConfig, s: dict,
                      f"{load.failures} | {_fmt(step.mean_batch)} | {_fmt(step.server_cpu_pct, 0)}"
                      f" | {_fmt(step.req_per_cpu_s)} | {_fmt(load.loadgen_cpu_pct, 0)} | "
                      f"{_fmt(step.rss_mb, 0)} |")
-    lines += ["", "| in-process ceiling (ONNX Runtime, preprocessed tensors) | "
+    lines += ["", "| in-process ceiling (preprocessed tensors, no HTTP) | "
               + " | ".join(f"batch {p['batch_size']}" for p in result.ceiling.get("fp32", []))
               + " |", "|---|" + "---|" * len(result.ceiling.get("fp32", []))]
+    columns = [p["batch_size"] for p in result.ceiling.get("fp32", [])]
     for name, points in result.ceiling.items():
-        lines.append(f"| {name} images/s | " + " | ".join(_fmt(p["images_per_s"], 0)
-                                                          for p in points) + " |")
-        lines.append(f"| {name} images per CPU-s | " + " | ".join(
-            _fmt(p["images_per_cpu_s"], 0) for p in points) + " |")
+        by_batch = {p["batch_size"]: p for p in points}
+        for key, unit in (("images_per_s", "images/s"), ("images_per_cpu_s", "images per CPU-s")):
+            lines.append(f"| {name} {unit} | " + " | ".join(
+                _fmt(by_batch[b][key], 0) if b in by_batch else "" for b in columns) + " |")
     lines += ["", "Decode + preprocess (bytes -> tensor, `load_and_preprocess`), CPU ms/image: "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in result.decode_ms.items()) + ".",
               "Cold start (server start -> first /readyz 200): "

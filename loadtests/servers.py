@@ -102,8 +102,9 @@ def wait_ready(server: ServerProcess, path: str, timeout: float, started: float)
     with httpx.Client(timeout=2.0) as client:
         while time.perf_counter() < deadline:
             if server.process.poll() is not None:
-                raise ServerStartError(f"{server.name} exited with code {server.process.returncode}"
-                                       f" before it was ready; last log lines:\n{server.log_tail()}")
+                raise ServerStartError(
+                    f"{server.name} exited with code {server.process.returncode} before it was "
+                    f"ready; last log lines:\n{server.log_tail()}")
             try:
                 if client.get(server.url + path).status_code == 200:
                     return time.perf_counter() - started

@@ -54,6 +54,7 @@ class SoakConfig(BaseSettings):
     think_time_s: float = Field(0.2, ge=0, description=(
         "pause of each user between requests: keeps the load steady and below saturation"))
     sample_every_s: float = Field(2.0, gt=0, description="RSS sampling period")
+    photos_per_label: int = Field(3, ge=1, description="photos per label, each in every size")
     max_rss_growth_mb: float = Field(50.0, gt=0, description="memory drift threshold")
     max_p95_growth: float = Field(0.25, gt=0, description="latency drift threshold (fraction)")
     cpu_split: Literal["pinned", "shared"] = Field("pinned", description=(
@@ -209,7 +210,8 @@ def run_soak(config: SoakConfig) -> SoakReport:
         load = run_locust(host, config.users, config.duration_s, csv_prefix,
                           cpus=config.loadgen_cpus if pinned else None, full_history=True,
                           html=config.out / "soak.html", timeout_s=config.duration_s + 120,
-                          extra=["--think-time", str(config.think_time_s)])
+                          extra=["--think-time", str(config.think_time_s),
+                                 "--photos-per-label", str(config.photos_per_label)])
     finally:
         sampler.stopped.set()
         sampler.join()

@@ -7,6 +7,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -37,8 +38,8 @@ def tiny_run(tmp_path_factory) -> Path:
     from trainer.train import train
 
     out = tmp_path_factory.mktemp("lt-run") / "run"
-    train(TrainConfig(data=DEMO_CATALOG, out=out, epochs=0, head_epochs=2, max_train_images=60,
-                      max_val_images=30))
+    train(TrainConfig(data=DEMO_CATALOG, out=out, epochs=0, head_epochs=2, max_train_images=50,
+                      max_val_images=10))
     return out
 
 
@@ -52,7 +53,7 @@ class FakeServer:
 
     def __init__(self, answer):
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
+            def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status, body = answer(self.path)
                 self.send_response(status)
@@ -75,7 +76,7 @@ class FakeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
