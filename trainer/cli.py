@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, TrainerError
 
 
 class Train(TrainConfig):
@@ -80,4 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     if "MALLOC_MMAP_MAX_" not in os.environ and argv is None:
         os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="68719476736")
         os.execv(sys.executable, [sys.executable, "-m", "trainer", *sys.argv[1:]])
-    CliApp.run(Trainer, cli_args=sys.argv[1:] if argv is None else argv)
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    try:
+        CliApp.run(Trainer, cli_args=sys.argv[1:] if argv is None else argv)
+    except (TrainerError, ValidationError) as exc:
+        if isinstance(exc, ValidationError):
+            exc = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'config'}: "
+                            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(2) from None

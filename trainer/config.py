@@ -14,6 +14,10 @@ from pydantic import BaseModel, Field, model_validator
 CONFIG_FILE = "config.json"
 
 
+class TrainerError(Exception):
+    """A problem the user can fix; the CLI prints its message without a traceback."""
+
+
 class TrainConfig(BaseModel):
     """Fine-tune a pretrained CNN on an ImageFolder tree (one folder per label)."""
 
@@ -101,6 +105,8 @@ class TrainConfig(BaseModel):
     def _something_to_train(self) -> TrainConfig:
         if self.data is None and not self.resume:
             raise ValueError("--data DIR is required (an ImageFolder tree)")
+        if self.data is not None and not self.resume and not self.data.is_dir():
+            raise ValueError(f"data folder {self.data} does not exist")
         if self.epochs == 0 and self.head_epochs == 0:
             raise ValueError("epochs and head_epochs are both 0: nothing to train")
         return self
@@ -115,6 +121,6 @@ def save_config(config: TrainConfig, run_dir: Path) -> Path:
 def load_config(run_dir: Path) -> TrainConfig:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder made by "
+        raise TrainerError(f"{path} does not exist: is {run_dir} a run folder made by "
                                 "`trainer train`?")
     return TrainConfig.model_validate_json(path.read_text())

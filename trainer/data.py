@@ -28,6 +28,7 @@ from service.contract import (
     load_and_preprocess,
     resize_short_side,
 )
+from trainer.config import TrainerError
 
 log = logging.getLogger("trainer")
 
@@ -37,7 +38,7 @@ VAL_DIRS = ("val", "validation", "valid")
 TEST_DIRS = ("test",)
 
 
-class DataError(ValueError):
+class DataError(TrainerError, ValueError):
     """The dataset cannot be trained on as it is; the message says what to fix."""
 
 

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
+from trainer.config import TrainerError
 from trainer.data import EvalImages, Sample, Skipped
 from trainer.runs import RunDir, atomic_write_json, load_trained
 
@@ -33,7 +34,7 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 
 
-class ParityError(RuntimeError):
+class ParityError(TrainerError, RuntimeError):
     """The exported model does not compute what the trained model computes."""
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer.config import TrainerError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(TrainerError, RuntimeError):
     """Pretrained weights could not be loaded; the message names the cure."""
 
 

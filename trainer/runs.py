@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from service.contract import ModelContract
+from trainer.config import TrainerError
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def load_trained(run_dir: Path, which: str = "best"):
     run = RunDir(Path(run_dir))
     path = run.best if which == "best" else run.last
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: train first with "
+        raise TrainerError(f"{path} does not exist: train first with "
                                 f"`trainer train --data DIR --out {run_dir}`")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     contract = ModelContract.model_validate(checkpoint["contract"])

@@ -31,7 +31,7 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from service.contract import ModelContract
-from trainer.config import TrainConfig, load_config, save_config
+from trainer.config import TrainConfig, TrainerError, load_config, save_config
 from trainer.data import (
     DatasetSplits,
     EvalImages,
@@ -243,8 +243,10 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         saved = load_config(run.root)
         config = saved.model_copy(update={"resume": True})
     elif run.last.exists():
-        raise FileExistsError(f"{run.root} already holds a run; pass --resume to continue it, "
+        raise TrainerError(f"{run.root} already holds a run; pass --resume to continue it, "
                               "or choose another --out")
+    # An absolute data path: `--resume` from another directory still finds the photos.
+    config = config.model_copy(update={"data": Path(config.data).resolve()})
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(config, run.root)
     console.rule(f"trainer: {run.root}")
@@ -269,8 +271,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                                 cache=config.cache_images, progress=progress)
         val_set = EvalImages(splits.val, contract, skipped, progress=progress)
     if len(val_set) == 0:
-        raise ValueError("no validation image could be decoded")
-    write_dataset_info(run, splits, train_set, val_set, skipped)
+        raise TrainerError("no validation image could be decoded")
+    write_dataset_info(run, config.data, splits, train_set, val_set, skipped)
     console.print(f"{len(splits.labels)} labels, {len(train_set)} train / {len(val_set)} val "
                   f"images (validation: {splits.val_source}); {len(skipped)} skipped")
     num_classes = len(splits.labels)
@@ -335,7 +337,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         t0 = time.perf_counter()
         with progress_bar(console) as progress:
             if train_set.images is None:
-                raise ValueError("the head phase needs cache_images=True")
+                raise TrainerError("the head phase needs cache_images=True (or --head-epochs 0)")
             train_feats = extract_features(model, eval_view(train_set, contract,
                                                             config.eval_batch_size),
                                            len(train_set), device, config.channels_last,
@@ -436,13 +438,13 @@ def summary_line(row: dict, improved: bool) -> str:
             f"{row['wall_s']:.0f}s{mark}")
 
 
-def write_dataset_info(run: RunDir, splits: DatasetSplits, train_set: TrainImages,
+def write_dataset_info(run: RunDir, data: Path, splits: DatasetSplits, train_set: TrainImages,
                        val_set: EvalImages, skipped: Skipped) -> None:
     labels = splits.labels
     used = {"train": dict(zip(labels, class_counts(train_set.labels, len(labels)).tolist())),
             "val": dict(zip(labels, class_counts(val_set.labels.tolist(), len(labels)).tolist()))}
     atomic_write_json(run.dataset, {
-        "data": str(Path(splits.train[0].path).parents[1]) if splits.train else "",
+        "data": str(data),
         "labels": labels, "val_source": splits.val_source, "found": splits.counts(),
         "used": used, "skipped": [{"path": p, "reason": r} for p, r in skipped.files],
         # the exact files used, so evaluate/export judge the model on what it was selected on

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, TrainerError
 from trainer.data import EvalImages, Skipped, discover
 from trainer.models import build_model
 from trainer.runs import RunDir, load_trained
@@ -59,7 +59,7 @@ def test_run_folder_holds_everything(tiny_run):
 def test_training_again_into_a_used_run_folder_needs_resume(tiny_run, tiny_folder):
     from trainer.train import train
 
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(TrainerError, match="--resume"):
         train(TrainConfig(data=tiny_folder, out=tiny_run))
 
 
@@ -104,4 +104,5 @@ def test_cli_explains_a_missing_data_folder(tmp_path):
                              str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")],
                             check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "does not exist" in result.stderr + result.stdout
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"data folder {tmp_path / 'nowhere'} does not exist" in result.stderr
