@@ -83,3 +83,18 @@ def test_offline_without_weights_names_the_cure(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached
     with pytest.raises(WeightsUnavailableError, match=r"--weights PATH"):
         build_model("efficientnet_b0", num_classes=3)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "efficientnet_b0", "resnet50"])
+def test_wrapped_torchvision_backbones_compute_what_torchvision_computes(arch):
+    import torchvision
+
+    from trainer.models import _wrap
+
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, arch)(weights=None).eval()
+    wrapped = _wrap(arch, original, num_classes=1000, dropout=0.0).eval()
+    wrapped.head[-1] = original.fc if arch == "resnet50" else original.classifier[-1]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), original(x), atol=1e-4)
