@@ -11,6 +11,7 @@ Serve with `bentoml serve` in the repository root (bentofile.yaml names `Product
 from __future__ import annotations
 
 import asyncio
+import typing
 from pathlib import Path
 
 import bentoml
@@ -165,7 +166,7 @@ def _image_routes(service) -> dict[str, ImageRoute]:
         if not spec.multipart_fields:
             continue
         (file_field,) = spec.multipart_fields
-        many = "list" in str(spec.model_fields[file_field].annotation)
+        many = typing.get_origin(spec.model_fields[file_field].annotation) is list
         routes[api.route] = ImageRoute(
             file_field=file_field, max_files=settings.max_images_per_request if many else 1,
             other_fields=frozenset(spec.model_fields) - {file_field})

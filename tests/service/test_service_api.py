@@ -162,6 +162,10 @@ BAD_REQUESTS = {
         "not_an_image"),
     "image over the byte limit": ("/classify", lambda p: {"files": {"image": (
         "big.jpg", _photo(p) + b"\0" * MAX_IMAGE_BYTES)}}, 413, None),
+    "over the byte limit, chunked (no Content-Length)": ("/classify", lambda p: {
+        "content": (b"\0" * 65536 for _ in range(MAX_IMAGE_BYTES // 65536 + 2)),
+        "headers": {"content-type": "multipart/form-data; boundary=x"}}, 413,
+        "request_too_large"),
     "decompression bomb": ("/classify", lambda p: {"files": {"image": ("bomb.png", _png_bomb())}},
                            400, "too_many_pixels"),
     "absurd pixel count": ("/classify", lambda p: {"files": {"image": ("wide.jpg", _jpeg(
