@@ -118,7 +118,7 @@ def bench_ranking(args) -> None:
     from sklearn.metrics import roc_auc_score
     from threadpoolctl import threadpool_limits
 
-    from collector.review.embeddings import load_backbone
+    from collector.review.embeddings import _imagenet_torch, _torch_backbone, load_backbone
     from collector.review.rank import embed_with_cache
     from collector.review.ranking import find_label_issues, out_of_sample_probs, reduce_features
 
@@ -140,6 +140,13 @@ def bench_ranking(args) -> None:
     is_flipped[flipped] = True
 
     backbone = load_backbone("imagenet", threads=2)
+    eager = _torch_backbone(_imagenet_torch(2))
+    batch = np.random.default_rng(1).normal(size=(32, 3, 224, 224)).astype(np.float32)
+    speeds = {name: 32 / (median_ms(lambda b=b: b.embed_batch(batch), 3) / 1000)
+              for name, b in [("PyTorch eager", eager), ("ONNX Runtime", backbone)]}
+    console.print("Lite0 features, batch of 32, 2 threads: " + ", ".join(
+        f"{name} {speed:.1f} img/s" for name, speed in speeds.items()) +
+        f"; ONNX Runtime / eager = {speeds['ONNX Runtime'] / speeds['PyTorch eager']:.1f}x")
     start = time.perf_counter()
     # Cached across runs (bench_out/ is not committed): re-running compares rankers only.
     features = embed_with_cache(backbone, [str(p) for p in photos], photos,
