@@ -93,7 +93,8 @@ class Crawl(BaseModel):
             config = load_sources(self.sources)
         except ConfigError as exc:
             raise SystemExit(f"error: {exc}") from None
-        console.print(f"crawling {len(config.categories)} labels into {config.output_dir}")
+        labels = sorted(set(config.categories) | set(config.url_lists))
+        console.print(f"crawling {len(labels)} labels into {config.output_dir}")
         try:
             result = asyncio.run(crawl(config, console, retry_failed=self.retry_failed))
         except KeyboardInterrupt:

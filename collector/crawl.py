@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -29,10 +30,18 @@ from collector.config import SourcesConfig
 from collector.dedup import DedupSummary, run_dedup
 from collector.download import ImageStore
 from collector.extract import extract_listing, extract_product_image
-from collector.fetch import Fetcher, FetchError
+from collector.fetch import Fetched, Fetcher, FetchError
 from collector.manifest import Manifest, open_manifest
 from collector.validate import ValidImage, validate_image
 from service.contract import ImageDecodeError
+
+
+class _Rejected(Exception):
+    """Bytes arrived but are not a usable image (carries what the manifest records)."""
+
+    def __init__(self, error: ImageDecodeError, http_status: int, size: int):
+        super().__init__(str(error))
+        self.error, self.http_status, self.size = error, http_status, size
 
 
 @dataclass
@@ -274,31 +283,35 @@ class Crawler:
             self._write(self.manifest.mark_unusable, image_id, "blocked", "robots",
                         "disallowed by robots.txt")
             return self._image_done("blocked")
+        # Fetch, decode, hash and write in one trip to a worker thread: the sync HTTP client
+        # and Pillow's decoder both release the GIL while they wait or work.
         try:
-            fetched = await self.fetcher.get(url)
+            fetched, valid, path = await asyncio.to_thread(self._download, url)
         except FetchError as exc:
             self._write(self.manifest.mark_unusable, image_id, "failed", exc.reason,
                         exc.detail, exc.http_status)
             return self._image_done("failed")
-        data = fetched.content
-        try:   # decode, hash and write in one trip to a worker thread (Pillow drops the GIL)
-            valid, path = await asyncio.to_thread(self._validate_and_store, data)
-        except ImageDecodeError as exc:
+        except _Rejected as rejected:
+            exc = rejected.error
             self._write(self.manifest.mark_unusable, image_id, "rejected", exc.reason,
-                        exc.detail, fetched.status, len(data))
+                        exc.detail, rejected.http_status, rejected.size)
             return self._image_done("rejected")
-        facts = {"path": path, "bytes": len(data), "width": valid.width,
+        facts = {"path": path, "bytes": len(fetched.content), "width": valid.width,
                  "height": valid.height, "format": valid.format, "sha256": valid.sha256,
                  "phash": valid.phash, "http_status": fetched.status}
         self._stored_by_url.setdefault(url, facts)
-        self._write(self.manifest.mark_stored, image_id, path=path, size=len(data),
+        self._write(self.manifest.mark_stored, image_id, path=path, size=len(fetched.content),
                     width=valid.width, height=valid.height, fmt=valid.format,
                     sha256=valid.sha256, phash=valid.phash, http_status=fetched.status)
         self._image_done("stored")
 
-    def _validate_and_store(self, data: bytes) -> tuple[ValidImage, str]:
-        valid = validate_image(data, self.config.validation)
-        return valid, self.store.put(data, valid.sha256, valid.extension)
+    def _download(self, url: str) -> tuple[Fetched, ValidImage, str]:
+        fetched = self.fetcher.get_sync(url)
+        try:
+            valid = validate_image(fetched.content, self.config.validation)
+        except ImageDecodeError as exc:
+            raise _Rejected(exc, fetched.status, len(fetched.content)) from None
+        return fetched, valid, self.store.put(fetched.content, valid.sha256, valid.extension)
 
     def _image_done(self, outcome: str) -> None:
         self.stats.images_done += 1
@@ -313,6 +326,10 @@ class Crawler:
         self.seed()
         n_workers = min(64, self.config.politeness.concurrency_per_host *
                         max(1, len(self.config.sites)) + 2)
+        # Every worker and every label's page walker may hold one thread (a request, a
+        # backoff sleep): asyncio's default pool (cores + 4) would starve them.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+            n_workers + len(self.config.categories) + 2, thread_name_prefix="collector"))
         workers = [asyncio.create_task(self.worker()) for _ in range(n_workers)]
         try:
             await asyncio.gather(*(self.walk_label(label) for label in self.config.categories))

@@ -11,7 +11,8 @@ start-up check, which sends rows whose file is missing or short back to pending.
 from __future__ import annotations
 
 import os
-import tempfile
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -19,18 +20,22 @@ import httpx
 from collector.fetch import FetchError
 
 
-async def read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+def read_capped(response: httpx.Response, max_bytes: int, deadline: float | None = None) -> bytes:
+    """The body, or FetchError too_large past `max_bytes`, or timeout past `deadline` (a
+    server that trickles bytes defeats a per-read timeout, not this)."""
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise FetchError("too_large", f"Content-Length {declared} > {max_bytes} bytes",
                          http_status=response.status_code)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    for chunk in response.iter_bytes():
         size += len(chunk)
         if size > max_bytes:
             raise FetchError("too_large", f"more than {max_bytes} bytes",
                              http_status=response.status_code)
+        if deadline is not None and time.monotonic() > deadline:
+            raise FetchError("timeout", "the whole answer took too long", retryable=True)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -42,6 +47,7 @@ class ImageStore:
         self.root = Path(root)
         self.images = self.root / "images"
         self.images.mkdir(parents=True, exist_ok=True)
+        self._folders: set[Path] = set()
 
     def relative_path(self, sha256: str, extension: str) -> str:
         return f"images/{sha256[:2]}/{sha256}.{extension}"
@@ -49,16 +55,18 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, extension: str) -> str:
         relative = self.relative_path(sha256, extension)
         final = self.root / relative
-        if final.exists() and final.stat().st_size == len(data):
-            return relative                      # same content already stored (dup or resume)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".", suffix=".tmp")
+        if final.parent not in self._folders:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(final.parent)
+        # A unique temp name without mkstemp's retries: the content hash plus who writes it.
+        # Same content from two writers is harmless: the last rename wins with equal bytes.
+        tmp = final.parent / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with open(tmp, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, final)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return relative
 

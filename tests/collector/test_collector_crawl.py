@@ -104,3 +104,38 @@ def test_collector_files_are_whole_and_content_addressed(crawled):
         assert len(data) == row["bytes"]
         assert hashlib.sha256(data).hexdigest() == row["sha256"] in row["path"]
     assert not list(crawled.rglob("*.tmp"))
+
+
+def test_collector_url_lists_without_listing_pages(tmp_path):
+    """The img2dataset-style input: label -> file of image URLs, same validation and dedup."""
+    import asyncio
+
+    import yaml
+
+    from collector.config import load_sources
+    from collector.crawl import crawl
+    from tests.collector.conftest import start_shop
+
+    shop = start_shop(faults=("html",), per_label=4)
+    try:
+        products = [p for p in shop.plan.products.values() if p.label in ("hat", "shoes")]
+        for label in ("hat", "shoes"):
+            urls = [shop.url + shop.image_url(p) for p in products if p.label == label]
+            (tmp_path / f"{label}.txt").write_text("# comment\n\n" + "\n".join(urls * 2))
+        (tmp_path / "sources.yaml").write_text(yaml.safe_dump({
+            "url_lists": {"hat": "hat.txt", "shoes": "shoes.txt"},
+            "limits": {"max_images_per_label": 5}}))
+        config = load_sources(tmp_path / "sources.yaml")
+        result = asyncio.run(crawl(config))
+    finally:
+        shop.stop()
+    got = rows(config.output_dir, "SELECT label, url, status, reason FROM images")
+    assert Counter(r["label"] for r in got) == {"hat": 5, "shoes": 5}   # cap, repeats once
+    assert result.dedup.duplicates >= 2                    # the planted copies in each label
+    for row in got:
+        product = shop.plan.products[row["url"].split("/")[-2]]
+        expected = ("rejected", "not_an_image") if "html" in product.faults else None
+        if expected:
+            assert (row["status"], row["reason"]) == expected
+        else:
+            assert row["status"] in STORED
