@@ -31,6 +31,8 @@ class ModelCard(BaseModel):
     name: str
     version: str
     tag: str = Field(description="BentoML model tag, or the .onnx path it was loaded from")
+    file: str = Field(description="the ONNX file served (model.onnx or model.int8.onnx)")
+    precision: str = Field(description="fp32 or int8")
     architecture: str
     labels: list[str]
     input_size: int

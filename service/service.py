@@ -11,6 +11,7 @@ Serve with `bentoml serve` in the repository root (bentofile.yaml names `Product
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import typing
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from starlette.responses import JSONResponse
 from service.batching import install_batch_window
 from service.contract import ContractError, ImageDecodeError, load_and_preprocess, softmax
 from service.guard import ImageRoute, RequestGuard
-from service.model_store import resolve_model
+from service.model_store import ResolvedModel, read_contract, resolve_model
 from service.runtime import check_model_file, create_session, run_logits
 from service.schemas import BatchPrediction, LabelScore, ModelCard, ModelRef, Prediction
 from service.settings import ServiceSettings
@@ -34,8 +35,24 @@ settings = ServiceSettings()
 # Checked at import, i.e. in `bentoml serve` itself before any worker starts: a model without a
 # usable contract stops start-up with this message (raised in a worker, BentoML would respawn it
 # forever).
+INT8_FILE = "model.int8.onnx"  # what `trainer export --int8` writes beside model.onnx
+
+
+def int8_variant(model: ResolvedModel) -> ResolvedModel:
+    """The quantized file beside the fp32 one (store entry or export folder), same contract."""
+    path = model.onnx_path.with_name(INT8_FILE)
+    if not path.is_file():
+        raise ContractError(f"CLASSIFIER_PRECISION=int8 but {path} does not exist; export with "
+                            "`trainer export RUN_DIR --int8`")
+    if read_contract(path) != model.contract:
+        raise ContractError(f"{path} and {model.onnx_path} carry different contracts")
+    return dataclasses.replace(model, onnx_path=path)
+
+
 try:
     MODEL = resolve_model(settings.model_tag)
+    if settings.precision == "int8":
+        MODEL = int8_variant(MODEL)
     check_model_file(MODEL.onnx_path, MODEL.contract)
 except ContractError as error:
     raise SystemExit(f"cannot serve MODEL_TAG={settings.model_tag!r}: {error}") from None
@@ -120,6 +137,7 @@ class ProductClassifier:
         """Labels, version and evaluation metrics of the served model."""
         contract = self.contract
         return ModelCard(name=contract.name, version=contract.version, tag=MODEL.tag,
+                         file=MODEL.onnx_path.name, precision=settings.precision,
                          architecture=contract.architecture or "unknown", labels=contract.labels,
                          input_size=contract.input_size, metrics=MODEL.metrics)
 

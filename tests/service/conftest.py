@@ -142,3 +142,16 @@ def server(tiny_onnx, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
+    """A real int8 copy (dynamic quantization of Conv/MatMul/Gemm) with the same contract."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(fp32_path), str(int8_path))
+    model = onnx.load(int8_path)
+    del model.metadata_props[:]
+    for prop in onnx.load(fp32_path).metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    onnx.save(model, int8_path)
+    return int8_path

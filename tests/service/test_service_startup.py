@@ -47,16 +47,19 @@ CASES = {
     "labels disagree with outputs": (_too_few_labels, "outputs 10 classes but"),
     "input size disagrees with graph": (_wrong_input_size, "does not match the contract"),
     "tag not in the model store": (lambda *_: "no-such-model:latest", "no model 'no-such-model"),
+    "int8 asked for, none exported": (lambda _, tiny: str(tiny), "CLASSIFIER_PRECISION=int8 but"),
 }
+EXTRA_ENV = {"int8 asked for, none exported": {"CLASSIFIER_PRECISION": "int8"}}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_unusable_model_stops_startup_with_a_reason(tmp_path, tiny_onnx, case):
     make_model, message = CASES[case]
+    env = {"MODEL_TAG": make_model(tmp_path, tiny_onnx), **EXTRA_ENV.get(case, {})}
     result = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", "service.service:ProductClassifier",
          "--host", "127.0.0.1", "--port", str(free_port())],
-        cwd=REPO, env={**os.environ, "MODEL_TAG": make_model(tmp_path, tiny_onnx)},
+        cwd=REPO, env={**os.environ, **env},
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
