@@ -33,9 +33,57 @@ class BenchTrain(BaseModel):
     out: Path = Field(Path("bench_out/train"), description="run folders and bench.json")
     recipes: list[str] = Field(["plain", "recipe"], description="which to run, in order")
     image_size: int = Field(224)
+    compare_exporters: Path | None = Field(None, description=(
+        "instead of training: export this run folder with both torch.onnx exporters and "
+        "time the two graphs in ONNX Runtime, interleaved"))
 
     def cli_cmd(self) -> None:
-        run_bench(self)
+        if self.compare_exporters:
+            compare_exporters(self.compare_exporters)
+        else:
+            run_bench(self)
+
+
+def compare_exporters(run_dir: Path, rounds: int = 7) -> dict:
+    """Both exporters on the same trained model; ONNX Runtime images/s at batch 1 and 16,
+    measured alternately so machine load hits both alike; medians."""
+    import statistics
+
+    import numpy as np
+    import onnx
+
+    from trainer.export import export_onnx, images_per_second, session
+    from trainer.runs import load_trained
+
+    console = Console()
+    model, contract, _ = load_trained(run_dir)
+    out = Path(run_dir) / "exporters"
+    sessions, report = {}, {}
+    for exporter in ("dynamo", "torchscript"):
+        path = out / f"{exporter}.onnx"
+        start = time.perf_counter()
+        export_onnx(model, contract, path, exporter)
+        report[exporter] = {"export_s": round(time.perf_counter() - start, 1),
+                            "nodes": len(onnx.load(str(path)).graph.node)}
+        sessions[exporter] = session(path, threads=2)
+    size = contract.input_size
+    images = np.random.default_rng(0).normal(size=(16, 3, size, size)).astype(np.float32)
+    for batch in (1, 16):
+        rates = {name: [] for name in sessions}
+        for _ in range(rounds):
+            for name, sess in sessions.items():
+                rates[name].append(images_per_second(sess, images, batch, repeats=3))
+        for name in sessions:
+            report[name][f"images_per_s_batch{batch}"] = round(statistics.median(rates[name]), 1)
+    table = Table(title=f"ONNX exporters, {contract.architecture} {size} px, ORT 2 threads")
+    for column in ("exporter", "export s", "graph nodes", "img/s batch 1", "img/s batch 16"):
+        table.add_column(column)
+    for name, r in report.items():
+        table.add_row(name, str(r["export_s"]), str(r["nodes"]), str(r["images_per_s_batch1"]),
+                      str(r["images_per_s_batch16"]))
+    console.print(table)
+    (out / "exporters.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def plain_config(data: Path, out: Path, image_size: int) -> TrainConfig:
