@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img2dataset", type=Path, default=REPO / ".venv-bench" / "bin" /
                         "img2dataset")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=32,
-                        help="collector requests in flight to the one host (default: 32)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="collector requests in flight to the one host (default: 16)")
     parser.add_argument("--port", type=int, default=8799)
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "collect")
     args = parser.parse_args(argv)
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> None:
         shop.wait(timeout=10)
 
     table = Table(title=f"bench-collect: {n_urls} URLs on 127.0.0.1, median of {args.repeats}")
-    for column in ("tool", "images stored", "seconds", "images/s"):
+    for column in ("tool", "images stored (median)", "seconds", "images/s"):
         table.add_column(column, justify="right")
     rates = {}
     for tool, results in runs.items():
         seconds = statistics.median(s for _, s in results)
-        stored = results[0][0]
+        stored = int(statistics.median(n for n, _ in results))
         rates[tool] = statistics.median(n / s for n, s in results)
         table.add_row(tool, str(stored), f"{seconds:.1f}", f"{rates[tool]:.1f}")
     console.print(table)
