@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -74,7 +75,8 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
                       for i, name in enumerate(labels)},
         "best_epoch": checkpoint.get("metrics", {}),
     }
-    out = run.report
+    # Another data set gets its own folder, so the run's own report is never overwritten.
+    out = run.report if data is None else run.root / f"report-{Path(data).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "confusion_matrix.json", {"labels": labels, "rows_true_cols_predicted":
@@ -84,7 +86,7 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     plot_curves(history, out / "curves.png")
     mistakes = worst_mistakes(images.samples, probs, truth, labels)
     plot_mistakes(mistakes, out / "worst_mistakes.png")
-    write_model_card(run, contract, metrics, history, mistakes)
+    write_model_card(run, out, contract, metrics, history, mistakes)
     print_table(console, metrics, labels)
     console.print(f"report: {out}/ (metrics.json, confusion_matrix.png, curves.png, "
                   "worst_mistakes.png, MODEL_CARD.md)")
@@ -138,6 +140,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -173,7 +176,7 @@ def plot_mistakes(mistakes: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(run: RunDir, contract, metrics: dict, history: list[dict],
+def write_model_card(run: RunDir, out: Path, contract, metrics: dict, history: list[dict],
                      mistakes: list[dict]) -> Path:
     info = json.loads(run.dataset.read_text())
     config = json.loads(run.config.read_text())
@@ -211,6 +214,6 @@ def write_model_card(run: RunDir, contract, metrics: dict, history: list[dict],
            f"({m['confidence']:.0%})" for m in mistakes[:5]] or ["- no mistakes on this set"]), "",
         "## Config", "", "```json", json.dumps(config, indent=2), "```", "",
     ]
-    path = run.report / "MODEL_CARD.md"
+    path = out / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
