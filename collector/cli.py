@@ -156,8 +156,11 @@ class Export(BaseModel):
         table.add_row("[bold]all", *(f"[bold]{n}" for n in totals), f"[bold]{sum(totals)}")
         out.print(table)
         if result.rejects:
-            out.print("not exported: " + ", ".join(f"{k} {v}" for k, v in
-                                                   result.rejects.items()))
+            rejects = {k: v for k, v in result.rejects.items() if not k.startswith("conflict:")}
+            conflicts = sum(v for k, v in result.rejects.items() if k.startswith("conflict:"))
+            if conflicts:   # stats.json keeps them per label pair
+                rejects["conflict: same image under 2+ labels"] = conflicts
+            out.print("not exported: " + ", ".join(f"{k} {v}" for k, v in rejects.items()))
         if result.zip_path:
             out.print(f"archive: {result.zip_path}")
 
