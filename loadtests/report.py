@@ -6,7 +6,9 @@ figures go into BENCHMARKS.md unedited.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -101,61 +103,68 @@ def summary(result: BenchResult, users: int) -> dict:
     }
 
 
+def _judge_ratio(wall: float, per_cpu: float, target: float) -> bool | None:
+    """Met only when both the req/s ratio and the per-CPU-second ratio reach the target: when
+    other processes share the cores, req/s alone rewards whichever server got more CPU."""
+    if math.isnan(wall):
+        return None
+    return wall >= target and (math.isnan(per_cpu) or per_cpu >= target)
+
+
 def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
     """(target, met?, why) for each target of the issue; None = not measured."""
     out = []
-    ratio = s["service_vs_baseline"]
-    out.append((f"service >= {TARGET_VS_BASELINE:g}x baseline req/s at {s['users']} users",
-                None if math.isnan(ratio) else ratio >= TARGET_VS_BASELINE,
-                (f"{_fmt(ratio, 2)}x ({_fmt(s['rps']['service'])} vs "
-                 f"{_fmt(s['rps']['baseline'])} req/s); per server CPU-second "
-                 f"{_fmt(s['service_vs_baseline_cpu'], 2)}x ({_fmt(s['req_per_cpu_s']['service'])}"
-                 f" vs {_fmt(s['req_per_cpu_s']['baseline'])}); the servers got "
-                 f"{_fmt(s['service_cpu_pct'], 0)}% and {_fmt(s['baseline_cpu_pct'], 0)}% of "
-                 "a core")))
+    ratio, per_cpu = s["service_vs_baseline"], s["service_vs_baseline_cpu"]
+    why = (f"{_fmt(ratio, 2)}x on req/s ({_fmt(s['rps']['service'])} vs "
+           f"{_fmt(s['rps']['baseline'])}), {_fmt(per_cpu, 2)}x per server CPU-second "
+           f"({_fmt(s['req_per_cpu_s']['service'])} vs {_fmt(s['req_per_cpu_s']['baseline'])}); "
+           f"the servers got {_fmt(s['service_cpu_pct'], 0)}% and "
+           f"{_fmt(s['baseline_cpu_pct'], 0)}% of their core")
     if not math.isnan(s["runtime_fp32_vs_torch"]):
-        out[-1] = (*out[-1][:2], out[-1][2] + (
-            f". The runtimes alone, per CPU-second: ONNX Runtime fp32 "
-            f"{_fmt(s['runtime_fp32_vs_torch'], 2)}x and int8 "
-            f"{_fmt(s['runtime_int8_vs_torch'], 2)}x PyTorch eager"
-            + (", so on this CPU a fp32 service cannot reach "
-               f"{TARGET_VS_BASELINE:g}x even with zero serving overhead"
-               if s["runtime_fp32_vs_torch"] < TARGET_VS_BASELINE else "")
-            + f"; the int8 service reached {_fmt(s['int8_vs_baseline'], 2)}x the baseline"))
+        why += (f". The runtimes alone, per CPU-second: ONNX Runtime fp32 "
+                f"{_fmt(s['runtime_fp32_vs_torch'], 2)}x and int8 "
+                f"{_fmt(s['runtime_int8_vs_torch'], 2)}x PyTorch eager (the most any fp32 or "
+                f"int8 service can gain over this baseline per CPU-second); the int8 service "
+                f"reached {_fmt(s['int8_vs_baseline'], 2)}x on req/s")
+    out.append((f"service >= {TARGET_VS_BASELINE:g}x baseline at {s['users']} users",
+                _judge_ratio(ratio, per_cpu, TARGET_VS_BASELINE), why))
+
     errors = s["service_errors"]
     reasons = "; ".join(f"{n}x {r}" for r, n in list(s["service_failure_reasons"].items())[:3])
     why = f"{errors} errors" + (f": {reasons}" if reasons else "")
     shed = sum(n for r, n in s["service_failure_reasons"].items() if "HTTP 503" in r)
     if errors and shed == errors and s["rps"]["service"] > 0:
-        why = (f"{errors} answers were 503 'overloaded', the service shedding load by design: "
-               f"{s['users']} closed-loop users at {_fmt(s['rps']['service'])} req/s wait about "
-               f"{s['users'] / s['rps']['service']:.2f} s each (Little's law), over the queueing "
-               f"budget CLASSIFIER_MAX_LATENCY_MS; the server got "
+        why = (f"{errors} of the answers were 503 'overloaded': the service shedding load by "
+               f"design. {s['users']} closed-loop users at {_fmt(s['rps']['service'])} req/s "
+               f"wait about {s['users'] / s['rps']['service']:.2f} s each (Little's law), close "
+               "to or over the queueing budget CLASSIFIER_MAX_LATENCY_MS; the server got "
                f"{_fmt(s['service_cpu_pct'], 0)}% of its core")
     out.append((f"zero errors at {s['users']} users", None if errors is None else errors == 0,
                 why))
-    ratio = s["service_vs_ceiling"]
-    why = (f"{_fmt(ratio, 2)} of the in-process ceiling ({_fmt(s['ceiling_fp32'], 0)} images/s "
-           f"at batch {s['best_batch']}); per CPU-second {_fmt(s['service_vs_ceiling_cpu'], 2)}"
-           f" ({_fmt(s['req_per_cpu_s']['service'])} vs "
-           f"{_fmt(s['ceiling_fp32_per_cpu_s'], 0)} images/CPU-s)")
-    if not math.isnan(ratio) and ratio < TARGET_VS_CEILING:
+
+    ratio, per_cpu = s["service_vs_ceiling"], s["service_vs_ceiling_cpu"]
+    why = (f"{_fmt(ratio, 2)} on req/s vs the ceiling's {_fmt(s['ceiling_fp32'], 0)} images/s "
+           f"(batch {s['best_batch']}), {_fmt(per_cpu, 2)} per CPU-second "
+           f"({_fmt(s['req_per_cpu_s']['service'])} vs {_fmt(s['ceiling_fp32_per_cpu_s'], 0)} "
+           "images/CPU-s)")
+    if not math.isnan(per_cpu) and per_cpu < TARGET_VS_CEILING:
         why += (f". Decode + preprocess costs {_fmt(s['decode_ms'])} CPU-ms/image, which "
                 "alone caps a server that also infers on the same core at "
                 f"{_fmt(s['ceiling_with_decode_per_cpu_s'], 0)} images/CPU-s "
                 f"({_fmt(s['service_vs_ceiling_with_decode_cpu'], 2)} of that reached); the "
-                "rest is HTTP, multipart parsing and the hop between BentoML's API and model "
-                "processes")
+                "rest is serving overhead")
     if s["profile"]:
         why += ". py-spy on the service at this load (busy samples): " + ", ".join(
             f"{stage} {share:.0f}%" for stage, share in s["profile"].items())
     out.append((f"service >= {TARGET_VS_CEILING:g} x in-process ceiling",
-                None if math.isnan(ratio) else ratio >= TARGET_VS_CEILING, why))
+                _judge_ratio(ratio, per_cpu, TARGET_VS_CEILING), why))
+
     cold = s["cold_start_s"]
     out.append((f"cold start <= {TARGET_COLD_START_S:g} s (bentoml serve -> /readyz 200)",
                 None if math.isnan(cold) else cold <= TARGET_COLD_START_S,
                 (f"{_fmt(cold)} s wall, {_fmt(s['cold_start_cpu_s'])} CPU-s in the server's "
-                "processes (3 Python processes each importing BentoML; the model loads in one)")))
+                 "processes (3 Python processes each importing BentoML; the model loads in "
+                 "one)")))
     return out
 
 
@@ -165,7 +174,8 @@ def markdown(result: BenchResult, config: BenchServeConfig, s: dict,
              f"{result.threads} intra-op thread(s) for ONNX Runtime and torch."),
              f"Command: `{command}`", "",
              ("| server | users | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
-             "| server CPU % | Locust CPU % |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "| server CPU % | req per server CPU-s | Locust CPU % | server RSS MB |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for step in result.steps:
         load = step.load
         lines.append(f"| {VARIANT_NAMES[step.variant]} | {step.users} | {_fmt(load.rps)} | "
@@ -197,10 +207,6 @@ def markdown(result: BenchResult, config: BenchServeConfig, s: dict,
               f"{_fmt(s['int8_vs_fp32'], 2)} ({_fmt(s['int8_vs_fp32_cpu'], 2)})."), ""]
     for variant, why in result.not_measured.items():
         lines.append(f"- {VARIANT_NAMES[variant]}: not measured, {why}")
-    if s["profile"]:
-        lines.append("- where the fp32 service's CPU time goes at this load (py-spy, all its "
-                     "processes): " + ", ".join(f"{stage} {share:.0f}%"
-                                                for stage, share in s["profile"].items()))
     for target, met, why in verdicts(s):
         mark = "not measured" if met is None else ("met" if met else "MISSED")
         lines.append(f"- {target}: **{mark}**, {why}")
@@ -232,3 +238,30 @@ def render(result: BenchResult, config: BenchServeConfig, console: Console,
     console.print(f"[dim]written: {config.out}/bench_serve.md, bench_serve.json, Locust "
                   "CSV/HTML per step[/]")
     return s
+
+
+def load_result(path: Path) -> BenchResult:
+    """A saved bench_serve.json back into a BenchResult."""
+    from loadtests.bench_serve import BenchResult, Step
+    from loadtests.locust_run import LoadResult
+
+    data = json.loads(Path(path).read_text())
+    steps = [Step(**{**step, "load": LoadResult(**step["load"])}) for step in data.pop("steps")]
+    return BenchResult(**data, steps=steps)
+
+
+def main() -> None:
+    """`python -m loadtests.report bench_out/serve/bench_serve.json`: print the report again."""
+    import sys
+
+    from loadtests.bench_serve import BenchServeConfig
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out/serve/bench_serve.json")
+    result = load_result(path)
+    users = max(step.users for step in result.steps)
+    print(markdown(result, BenchServeConfig(users=[users], out=path.parent),
+                   summary(result, users), "make bench-serve"))
+
+
+if __name__ == "__main__":
+    main()
