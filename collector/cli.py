@@ -20,7 +20,7 @@ from rich.table import Table
 from collector.config import ConfigError, load_sources
 from collector.manifest import MANIFEST_FILE, open_manifest
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages: never hard-wrapped mid-line
 out = Console()
 
 _STATUS_COLUMNS = ("ok", "duplicate", "conflict", "rejected", "failed", "blocked", "pending",

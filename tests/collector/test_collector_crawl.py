@@ -139,3 +139,36 @@ def test_collector_url_lists_without_listing_pages(tmp_path):
             assert (row["status"], row["reason"]) == expected
         else:
             assert row["status"] in STORED
+
+
+def test_collector_follow_product_pages(tmp_path):
+    """follow_product_pages: each card's product page is opened (sponsored redirect links
+    unwrapped) and its data-old-hires image is the one downloaded."""
+    import asyncio
+
+    import yaml
+
+    from collector.config import load_sources
+    from collector.crawl import crawl
+    from collector.demo_shop import write_sources
+    from tests.collector.conftest import start_shop
+
+    shop = start_shop(faults=(), per_label=3)
+    try:
+        sources = write_sources(shop, tmp_path / "sources.yaml", "collected")
+        data = yaml.safe_load(sources.read_text())
+        data["follow_product_pages"] = True
+        data["categories"] = {k: v for k, v in data["categories"].items() if k in ("hat", "skirt")}
+        sources.write_text(yaml.safe_dump(data))
+        config = load_sources(sources)
+        asyncio.run(crawl(config))
+    finally:
+        shop.stop()
+    pages = rows(config.output_dir, "SELECT kind, status, url FROM pages")
+    product_pages = [p for p in pages if p["kind"] == "product"]
+    assert len(product_pages) == 10 and {p["status"] for p in pages} == {"done"}
+    assert all("/p/" in p["url"] and "sspa" not in p["url"] for p in product_pages)
+    images = rows(config.output_dir, "SELECT url, product_url, status FROM images")
+    assert len(images) == 10
+    assert all(r["url"].endswith("/full.jpg") and "/p/" in r["product_url"] for r in images)
+    assert {r["status"] for r in images} <= STORED

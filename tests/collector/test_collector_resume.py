@@ -79,3 +79,42 @@ def test_collector_kill_9_midway_then_resume(crawled, tmp_path):
     files = {p.relative_to(resumed).as_posix() for p in (resumed / "images").rglob("*.*")}
     assert files == {r["path"] for r in rows(resumed, "SELECT path FROM images "
                                                       "WHERE path IS NOT NULL")}
+
+
+def test_collector_ctrl_c_keeps_finished_work(tmp_path):
+    """SIGINT: exit 130 with a hint, finished images kept; the same command then completes."""
+    shop = start_shop(per_label=12)
+    try:
+        sources = write_sources(shop, tmp_path / "sources.yaml", "collected")
+        manifest = tmp_path / "collected" / "manifest.sqlite"
+        # Python ignores SIGINT when started with it ignored (a background job): re-arm it,
+        # as a terminal's Ctrl-C would find it.
+        armed = [sys.executable, "-c",
+                 ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                 "signal.default_int_handler); sys.argv = ['collector', 'crawl', sys.argv[1]]; "
+                 "runpy.run_module('collector', run_name='__main__')"), str(sources)]
+        proc = subprocess.Popen(armed, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            for _ in range(1200):
+                if proc.poll() is not None or stored_count(manifest) >= 20:
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, "the crawl ended before it could be interrupted"
+            proc.send_signal(signal.SIGINT)
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, output
+        assert "run the same command again to resume" in output
+        assert stored_count(manifest) >= 20
+        again = subprocess.run(crawl_command(sources), check=False, cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+    finally:
+        shop.stop()
+    collection = tmp_path / "collected"
+    assert not rows(collection, "SELECT id FROM images WHERE status IN ('pending', 'downloaded')")
+    listed = {(label, pid) for label, ids in shop.plan.listings.items() for pid in ids}
+    assert {(r["label"], r["product_id"]) for r in rows(
+        collection, "SELECT label, product_id FROM images")} == listed
