@@ -118,3 +118,34 @@ def test_collector_ctrl_c_keeps_finished_work(tmp_path):
     listed = {(label, pid) for label, ids in shop.plan.listings.items() for pid in ids}
     assert {(r["label"], r["product_id"]) for r in rows(
         collection, "SELECT label, product_id FROM images")} == listed
+
+
+def test_collector_lost_files_are_fetched_again(tmp_path):
+    """A file that vanished or was cut short (a machine crash, a stray rm) is not trusted: the
+    next run sends its row back to pending and downloads it again."""
+    import asyncio
+
+    from collector.config import load_sources
+    from collector.crawl import crawl
+
+    shop = start_shop(faults=(), per_label=3)
+    try:
+        sources = write_sources(shop, tmp_path / "sources.yaml", "collected")
+        config = load_sources(sources)
+        asyncio.run(crawl(config))
+        collection = config.output_dir
+        before = outcome(collection)
+        stored = rows(collection, "SELECT DISTINCT path FROM images WHERE path IS NOT NULL")
+        gone, short = (collection / stored[0]["path"]), (collection / stored[1]["path"])
+        lost_rows = len(rows(collection, "SELECT id FROM images WHERE path IN (?, ?)",
+                             (stored[0]["path"], stored[1]["path"])))
+        gone.unlink()
+        short.write_bytes(short.read_bytes()[:100])
+        hits = sum(shop.hits.values())
+        asyncio.run(crawl(config))
+    finally:
+        shop.stop()
+    assert outcome(collection) == before
+    assert gone.is_file() and len(short.read_bytes()) > 100
+    # only the rows of the two lost files were fetched again (+ robots.txt, once per run)
+    assert sum(shop.hits.values()) - hits == lost_rows + 1
