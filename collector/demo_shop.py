@@ -147,12 +147,14 @@ class DemoShop:
     """The shop as an object: `start()` serves in a daemon thread, `stop()` ends it."""
 
     def __init__(self, catalog: Path, faults: set[str] | None = None, port: int = 0,
-                 per_label: int | None = None, host: str = "127.0.0.1"):
+                 per_label: int | None = None, host: str = "127.0.0.1",
+                 crawl_delay: float | None = None):
         unknown = set(faults or ()) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; choose from {FAULTS}")
         self.catalog = Path(catalog)
         self.faults = set(faults or ())
+        self.crawl_delay = crawl_delay
         self.plan = build_plan(self.catalog, self.faults, per_label)
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -296,7 +298,10 @@ def _handler_for(shop: DemoShop) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             path, query = parts.path, parse_qs(parts.query)
             if path == "/robots.txt":
-                return self.send(200, b"User-agent: *\nDisallow: /private/\n", "text/plain")
+                robots = "User-agent: *\nDisallow: /private/\n"
+                if shop.crawl_delay:
+                    robots += f"Crawl-delay: {shop.crawl_delay}\n"
+                return self.send(200, robots.encode(), "text/plain")
             if path == "/_plan.json":
                 return self.send(200, json.dumps(shop.plan.to_json()).encode(),
                                  "application/json")

@@ -4,7 +4,8 @@ Retries (tenacity): connection errors, timeouts, 5xx, 408 and 429, with exponent
 and jitter; a Retry-After header (seconds or HTTP date) is honoured instead, capped at
 `backoff_max`, and pauses the whole host, not just the one request (a 429 is about the client,
 not the URL). Other 4xx are final at once. robots.txt follows RFC 9309: missing (4xx) means
-allow all, unreachable (5xx, connection failure) means disallow all.
+allow all, unreachable (5xx, connection failure) means disallow all; a Crawl-delay slower
+than our own rate lowers the host's rate to it (urllib.robotparser reads whole seconds).
 
 The crawl is asyncio; each request runs `httpx.Client` (connection reuse, keep-alive) in a
 worker thread. Measured here on 1,000 photos from the demo shop: httpx's AsyncClient cost
@@ -168,6 +169,10 @@ class Fetcher:
         with host.robots_lock:
             if host.robots is None:
                 host.robots = self._load_robots(url)
+                delay = host.robots.crawl_delay(self.politeness.user_agent)
+                if delay and float(delay) > 0 and 1 / float(delay) < host.limiter.rate:
+                    # The site asked for a slower pace than ours: its wish wins.
+                    host.limiter = RateLimit(1 / float(delay), burst=1)
         return host.robots.can_fetch(self.politeness.user_agent, url)
 
     def _load_robots(self, url: str) -> urllib.robotparser.RobotFileParser:

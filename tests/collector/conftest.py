@@ -15,8 +15,9 @@ from collector.demo_shop import FAULTS, DemoShop, write_sources
 from tests.conftest import DEMO_CATALOG, free_port
 
 
-def start_shop(faults=FAULTS, per_label: int | None = None) -> DemoShop:
-    return DemoShop(DEMO_CATALOG, set(faults), port=free_port(), per_label=per_label).start()
+def start_shop(faults=FAULTS, per_label: int | None = None, **options) -> DemoShop:
+    return DemoShop(DEMO_CATALOG, set(faults), port=free_port(), per_label=per_label,
+                    **options).start()
 
 
 @pytest.fixture(scope="session")

@@ -90,3 +90,17 @@ def test_collector_robots_txt(shop):
     assert asyncio.run(go(Politeness(obey_robots=False), shop.url + "/private/img/X/full.jpg"))
     # RFC 9309: robots.txt unreachable -> assume everything is disallowed
     assert not asyncio.run(go(polite, f"http://127.0.0.1:{free_port()}/search?q=x"))
+
+
+def test_collector_robots_crawl_delay_slows_the_host():
+    slow_site = start_shop(faults=(), per_label=1, crawl_delay=2)
+    try:
+        async def go():
+            async with Fetcher(Politeness(requests_per_second_per_host=50),
+                               Download(retries=0)) as fetcher:
+                assert await fetcher.allowed(slow_site.url + "/search?q=hat")
+                host = fetcher.hosts[slow_site.url.split("//")[1]]
+                return host.limiter.rate
+        assert asyncio.run(go()) == 0.5                    # 1 / 2 s, not our 50/s
+    finally:
+        slow_site.stop()
