@@ -2,9 +2,12 @@
 
 One task per label walks its listing pages in order (pagination is sequential by nature, and
 per-label order makes `max_images_per_label` pick the same products every time); a pool of
-workers downloads images (and product pages) as they are found. Every step is one manifest
-write, and a page's products, its next-page link and its own "done" are one transaction, so a
-kill -9 at any instant leaves a manifest from which the same command resumes exactly.
+workers downloads images (and product pages) as they are found, each image's fetch, decode,
+hash and file write in one worker-thread trip. A page's products, its next-page link and its
+own "done" are one transaction; image outcomes are committed in batches (a kill loses at most
+a batch, still 'pending'); files are renamed into place; dedup runs once over everything at
+the end. So a kill -9 at any instant leaves a manifest from which the same command resumes
+to exactly the result of an uninterrupted crawl.
 """
 
 from __future__ import annotations
