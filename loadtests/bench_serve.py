@@ -172,11 +172,16 @@ def resolve_models(config: BenchServeConfig) -> tuple[Path, Path | None, Path | 
     return fp32, int8, config.run
 
 
+def single_photo_scenario(config: BenchServeConfig) -> list[str]:
+    """Locust flags: only /classify, one photo per request, so req/s = images/s."""
+    return ["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
+            "--catalog", str(config.catalog), "--photos-per-label", str(config.photos_per_label)]
+
+
 def measure_server(server: ServerProcess, variant: str, config: BenchServeConfig,
                    loadgen_cpus: str | None, result: BenchResult) -> None:
     label = "service" if variant != "baseline" else "baseline"
-    extra = ["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
-             "--catalog", str(config.catalog), "--photos-per-label", str(config.photos_per_label)]
+    extra = single_photo_scenario(config)
     if config.warmup_s:
         run_locust(server.url, max(config.users), config.warmup_s,
                    config.out / f"{variant}_warmup", cpus=loadgen_cpus, extra=extra,
@@ -187,8 +192,7 @@ def measure_server(server: ServerProcess, variant: str, config: BenchServeConfig
         load = run_locust(server.url, users, config.duration_s,
                           config.out / f"{variant}_u{users}", cpus=loadgen_cpus, extra=extra,
                           html=config.out / f"{variant}_u{users}.html",
-                          timeout_s=config.duration_s + 90,
-                          )
+                          timeout_s=config.duration_s + 90)
         cpu_used = server.cpu_seconds() - cpu_before
         cpu_pct = 100 * cpu_used / (time.perf_counter() - wall_before)
         step = Step(variant, users, load, server_cpu_pct=cpu_pct,
@@ -215,8 +219,7 @@ def profile_server(server: ServerProcess, config: BenchServeConfig,
         return {}
     run_locust(server.url, max(config.users), seconds + 2, config.out / "profile_load",
                cpus=loadgen_cpus, timeout_s=seconds + 90,
-               extra=["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
-                      "--photos-per-label", str(config.photos_per_label)])
+               extra=single_photo_scenario(config))
     try:
         _, errors = recorder.communicate(timeout=60)
     except subprocess.TimeoutExpired:

@@ -4,7 +4,8 @@ A leak or a slowly growing queue does not show in a 20-second benchmark. The soa
 service (or targets one already running with --host), runs Locust at a steady rate (users
 with a think time, below saturation), samples the RSS of every server process every few
 seconds, and compares the first and last fifth of the run (after a warm-up):
-  memory drift   last-fifth RSS above first-fifth RSS by more than --max-rss-growth-mb;
+  memory drift   last-fifth RSS above first-fifth RSS by more than --max-rss-growth-mb and
+                 still rising over the second half (--max-rss-slope-mb-per-min);
   latency drift  last-fifth p95 above first-fifth p95 by more than --max-p95-growth.
 It writes soak.json, soak_samples.csv and soak.png (RSS and latency over time) to --out.
 
@@ -55,7 +56,12 @@ class SoakConfig(BaseSettings):
         "pause of each user between requests: keeps the load steady and below saturation"))
     sample_every_s: float = Field(2.0, gt=0, description="RSS sampling period")
     photos_per_label: int = Field(3, ge=1, description="photos per label, each in every size")
-    max_rss_growth_mb: float = Field(50.0, gt=0, description="memory drift threshold")
+    max_rss_growth_mb: float = Field(50.0, gt=0, description=(
+        "memory drift: RSS of the last fifth above the first fifth by more than this..."))
+    max_rss_slope_mb_per_min: float = Field(1.0, gt=0, description=(
+        "...and still rising faster than this over the second half of the run (growth that "
+        "levels off, e.g. ONNX Runtime's arena sizing itself to a new batch shape, is reported "
+        "but is not drift)"))
     max_p95_growth: float = Field(0.25, gt=0, description="latency drift threshold (fraction)")
     cpu_split: Literal["pinned", "shared"] = Field("pinned", description=(
         "pinned: a server started here on --server-cpus, Locust on --loadgen-cpus"))
@@ -77,6 +83,8 @@ class SoakReport:
     rss_first_mb: float
     rss_last_mb: float
     rss_slope_mb_per_min: float
+    rss_slope_last_half_mb_per_min: float   # ~0: grew, then levelled off; > 0: still growing
+    rss_growth_by_role_mb: dict
     p50_first_ms: float
     p50_last_ms: float
     p95_first_ms: float
@@ -87,7 +95,7 @@ class SoakReport:
 
 
 def server_processes(url: str) -> list[psutil.Process]:
-    """Processes listening on URL's port (and their children): the server to watch."""
+    """Processes listening on URL's port, their `bentoml serve` supervisor and its children."""
     port = urlparse(url).port
     roots = []
     for conn in psutil.net_connections(kind="tcp"):
@@ -96,29 +104,52 @@ def server_processes(url: str) -> list[psutil.Process]:
             roots.append(psutil.Process(conn.pid))
     found = {}
     for root in roots:
+        # BentoML's API worker holds the listening socket; its `bentoml serve` supervisor
+        # (the parent) also owns the model workers, which listen elsewhere.
+        parent = root.parent()
+        while parent is not None and "bentoml" in " ".join(parent.cmdline()):
+            root, parent = parent, parent.parent()
         for proc in [root, *root.children(recursive=True)]:
             found[proc.pid] = proc
     return list(found.values())
 
 
+def process_role(proc: psutil.Process) -> str:
+    """model / api / supervisor for BentoML's processes (by command line), else the name."""
+    try:
+        command = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    if "onnx-model" in command:
+        return "model"
+    if "--service-name" in command:
+        return "api"
+    return "supervisor" if "bentoml" in command else proc.name()
+
+
 class RssSampler(threading.Thread):
-    """Samples the summed RSS of a process list every `period` seconds until stopped."""
+    """Samples the RSS of a process list every `period` seconds until stopped: the sum, and
+    per process role so that growth can be pinned on the API or the model process."""
 
     def __init__(self, processes, period: float):
         super().__init__(daemon=True)
         self.processes, self.period = processes, period
-        self.samples: list[tuple[float, float]] = []  # (unix time, MB)
+        self.samples: list[tuple[float, float]] = []  # (unix time, MB summed)
+        self.by_role: list[dict[str, float]] = []     # MB per role, same order
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            total = 0
+            roles: dict[str, float] = {}
             for proc in self.processes():
                 try:
-                    total += proc.memory_info().rss
+                    mb = proc.memory_info().rss / 2**20
                 except psutil.NoSuchProcess:
-                    pass
-            self.samples.append((time.time(), total / 2**20))
+                    continue
+                role = process_role(proc)
+                roles[role] = roles.get(role, 0.0) + mb
+            self.samples.append((time.time(), sum(roles.values())))
+            self.by_role.append(roles)
             self.stopped.wait(self.period)
 
 
@@ -219,29 +250,45 @@ def run_soak(config: SoakConfig) -> SoakReport:
             server.stop()
     start = sampler.samples[0][0] + config.warmup_s if sampler.samples else 0
     rss_first, rss_last = _fifths(sampler.samples, start)
+    kept = [p for p in sampler.samples if p[0] >= start]
+    last_half = kept[len(kept) // 2:]
+    growth_by_role = {}
+    for role in sorted({r for roles in sampler.by_role for r in roles}):
+        series = [(t, roles.get(role, math.nan))
+                  for (t, _), roles in zip(sampler.samples, sampler.by_role, strict=True)]
+        first, last = _fifths(series, start)
+        growth_by_role[role] = round(last - first, 1)
     p50, p95 = latency_history(csv_prefix)
     p50_first, p50_last = _fifths(p50, start)
     p95_first, p95_last = _fifths(p95, start)
     report = SoakReport(
         duration_s=config.duration_s, requests=load.requests, failures=load.failures,
         rps=load.rps, rss_first_mb=rss_first, rss_last_mb=rss_last,
-        rss_slope_mb_per_min=_slope_per_min([p for p in sampler.samples if p[0] >= start]),
+        rss_slope_mb_per_min=_slope_per_min(kept),
+        rss_slope_last_half_mb_per_min=_slope_per_min(last_half),
+        rss_growth_by_role_mb=growth_by_role,
         p50_first_ms=p50_first, p50_last_ms=p50_last, p95_first_ms=p95_first,
         p95_last_ms=p95_last,
-        memory_drift=rss_last - rss_first > config.max_rss_growth_mb,
+        memory_drift=(rss_last - rss_first > config.max_rss_growth_mb
+                      and _slope_per_min(last_half) > config.max_rss_slope_mb_per_min),
         latency_drift=p95_last > p95_first * (1 + config.max_p95_growth),
         samples=len(sampler.samples))
     with (config.out / "soak_samples.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["unix_time", "rss_mb"])
-        writer.writerows(sampler.samples)
+        roles = sorted(growth_by_role)
+        writer.writerow(["unix_time", "rss_mb", *(f"rss_mb_{role}" for role in roles)])
+        for (t, total), by_role in zip(sampler.samples, sampler.by_role, strict=True):
+            writer.writerow([t, round(total, 1), *(round(by_role.get(r, math.nan), 1)
+                                                   for r in roles)])
     (config.out / "soak.json").write_text(json.dumps(asdict(report), indent=2))
     picture = plot(sampler.samples, p50, p95, config.out / "soak.png", warmup_end=start)
     verdict = lambda drift: "[red]DRIFT[/]" if drift else "[green]stable[/]"
     console.print(
         f"{load.requests} requests, {load.failures} failures, {load.rps:.1f} req/s\n"
         f"memory  {verdict(report.memory_drift)}: RSS {rss_first:.0f} -> {rss_last:.0f} MB "
-        f"(first vs last fifth), slope {report.rss_slope_mb_per_min:+.2f} MB/min\n"
+        f"(first vs last fifth), slope {report.rss_slope_mb_per_min:+.2f} MB/min, over the "
+        f"second half {report.rss_slope_last_half_mb_per_min:+.2f} MB/min; growth by process: "
+        + ", ".join(f"{role} {mb:+.0f} MB" for role, mb in growth_by_role.items()) + "\n"
         f"latency {verdict(report.latency_drift)}: p50 {p50_first:.0f} -> {p50_last:.0f} ms, "
         f"p95 {p95_first:.0f} -> {p95_last:.0f} ms\n"
         f"[dim]written: {config.out}/soak.json, soak_samples.csv, soak.html"

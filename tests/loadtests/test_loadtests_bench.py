@@ -57,6 +57,7 @@ def test_soak_reports_memory_and_latency_over_time(tiny_service, tmp_path):
     assert report.requests > 0 and report.failures == 0
     assert report.samples >= 5
     assert report.rss_first_mb > 0 and report.rss_last_mb > 0
+    assert {"supervisor", "api", "model"} <= set(report.rss_growth_by_role_mb)  # BentoML's 3
     assert not math.isnan(report.p95_first_ms) and not math.isnan(report.p95_last_ms)
     assert json.loads((tmp_path / "soak.json").read_text())["requests"] == report.requests
     assert (tmp_path / "soak.png").stat().st_size > 0
