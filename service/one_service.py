@@ -26,7 +26,7 @@ class OneService:
     def __init__(self) -> None:
         self.contract = MODEL.contract
         self.session = create_session(MODEL.onnx_path, threads=settings.ort_threads,
-                                      device=settings.device)
+                                      device=settings.device, spin_wait=settings.ort_spin_wait)
         self.decoders = ThreadPoolExecutor(settings.ort_threads)  # decode in parallel, at least
         self.model_ref = ModelRef(name=self.contract.name, version=self.contract.version)
 

@@ -2,9 +2,10 @@
 
 Two services, as measured in BENCHMARKS.md (service section):
 - `ProductClassifier` (the API, `api_workers` processes) checks the request, decodes and
-  preprocesses the photo with `service.contract` and turns logits into labels;
-- `OnnxModel` (`model_workers` processes) runs ONNX Runtime on batches that BentoML's adaptive
-  batcher forms from the API workers' calls.
+  crops the photo with `service.contract` and turns logits into labels;
+- `OnnxModel` (`model_workers` processes) normalises and runs ONNX Runtime on batches that
+  BentoML's adaptive batcher forms from the API workers' calls.
+Crops cross the hop between them as uint8 (150 kB per 224 px image; float32 would be 602 kB).
 Serve with `bentoml serve` in the repository root (bentofile.yaml names `ProductClassifier`).
 """
 
@@ -23,7 +24,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 
 from service.batching import install_batch_window
-from service.contract import ContractError, ImageDecodeError, load_and_preprocess, softmax
+from service.contract import ContractError, ImageDecodeError, load_pixels, normalize, softmax
 from service.guard import ImageRoute, RequestGuard
 from service.model_store import ResolvedModel, read_contract, resolve_model
 from service.runtime import check_model_file, create_session, run_logits
@@ -82,25 +83,30 @@ rejections_counter = bentoml.metrics.Counter(
 # it under the requests still in flight on it: under load they failed with 500 (aiohttp
 # ServerDisconnectedError). The connection is local and long-lived; never recycle it.
 NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 1e9}
+# The model service answers one internal call per image; its access-log line and trace span
+# repeat the API's own and cost ~5 % of throughput (BENCHMARKS.md), so they are off by default.
+QUIET_HOP = {"logging": {"access": {"enabled": False}}, "tracing": {"excluded_urls": ["/logits"]}}
 
 
 @bentoml.service(name="onnx-model", workers=settings.model_workers,
                  **({"resources": {"gpu": settings.gpus}} if settings.gpus else {}),
-                 traffic={"timeout": settings.timeout_s}, runner_connection=NEVER_RECYCLE)
+                 traffic={"timeout": settings.timeout_s}, runner_connection=NEVER_RECYCLE,
+                 **({} if settings.trace_model_calls else QUIET_HOP))
 class OnnxModel:
-    """ONNX Runtime on batches of preprocessed images; loaded once per worker."""
+    """ONNX Runtime on batches of cropped uint8 images; loaded once per worker."""
 
     def __init__(self) -> None:
         self.session = create_session(MODEL.onnx_path, threads=settings.ort_threads,
-                                      device=settings.device)
+                                      device=settings.device, spin_wait=settings.ort_spin_wait)
         size = MODEL.contract.input_size
         run_logits(self.session, np.zeros((1, 3, size, size), np.float32))  # first run is slow
 
     @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
                  max_latency_ms=settings.max_latency_ms)
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        batch_size_histogram.observe(len(images))
-        return run_logits(self.session, images)
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] crops (`contract.load_pixels`) -> float32 [N, classes] logits."""
+        batch_size_histogram.observe(len(pixels))
+        return run_logits(self.session, normalize(pixels, MODEL.contract))
 
 
 model_app = FastAPI(title="model card", docs_url=None, redoc_url=None, openapi_url=None)
@@ -144,13 +150,13 @@ class ProductClassifier:
     async def _classify(self, paths: list[Path],
                         min_score: float | None) -> list[Prediction] | JSONResponse:
         try:
-            tensors = await asyncio.gather(
+            crops = await asyncio.gather(
                 *(asyncio.to_thread(self._load, index, path) for index, path in enumerate(paths)))
         except ImageDecodeError as error:
             rejections_counter.labels(reason=error.reason).inc()
             return JSONResponse({"error": error.detail, "reason": error.reason}, status_code=400)
         try:
-            logits = await self.model.to_async.logits(np.stack(tensors))
+            logits = await self.model.to_async.logits(np.stack(crops))
         except ServiceUnavailable:
             rejections_counter.labels(reason="overloaded").inc()
             return JSONResponse({"error": "the model is overloaded, retry shortly",
@@ -159,8 +165,7 @@ class ProductClassifier:
 
     def _load(self, index: int, path: Path) -> np.ndarray:
         try:
-            return load_and_preprocess(path.read_bytes(), self.contract,
-                                       max_pixels=settings.max_pixels)
+            return load_pixels(path.read_bytes(), self.contract, max_pixels=settings.max_pixels)
         except ImageDecodeError as error:
             # Say which image: in a batch the client must know which one was refused.
             detail = UNREADABLE if error.reason == "not_an_image" else error.detail

@@ -33,6 +33,12 @@ class ServiceSettings(BaseSettings):
     ort_threads: int = Field(
         2, ge=1, description="ONNX Runtime intra-op threads per model worker (it would otherwise "
         "size its pool to the whole host and fight the other workers)")
+    ort_spin_wait: bool = Field(
+        False, description="let idle ONNX Runtime threads spin for work: lower latency on cores "
+        "of their own, but it steals CPU from the API process when they share cores")
+    trace_model_calls: bool = Field(
+        False, description="access-log and trace the internal API -> model call (one per image; "
+        "the API's own access log and spans are always on)")
     model_workers: int = Field(1, ge=1, description="processes running the batched model")
     api_workers: int = Field(1, ge=1, description="processes decoding images and answering HTTP")
     batching: bool = Field(True, description="adaptive batching of model calls (false: one "

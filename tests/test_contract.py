@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from service.contract import (CONTRACT_KEY, ContractError, ImageDecodeError, ModelContract,
-                              decode_image, load_and_preprocess)
+                              decode_image, load_and_preprocess, load_pixels, normalize)
 
 
 def test_contract_round_trips_through_metadata():
@@ -60,3 +60,19 @@ def test_preprocess_normalises_a_real_photo(demo_catalog):
     # A flat colour stays that colour after crop and resize.
     flat = load_and_preprocess(_jpeg((400, 533), (255, 255, 255)), contract)
     np.testing.assert_allclose(flat, 1.0, atol=0.02)
+
+
+def test_split_preprocessing_gives_the_same_tensor(demo_catalog):
+    """The service crops to uint8 in its API process and normalises the batch in its model
+    process; that must be bit-identical to `load_and_preprocess` (what evaluation uses)."""
+    photos = [sorted(folder.iterdir())[0].read_bytes()
+              for folder in sorted(demo_catalog.iterdir())[:4]]
+    contract = ModelContract(version="v", labels=["a", "b"], mean=(0.485, 0.456, 0.406),
+                             std=(0.229, 0.224, 0.225), input_size=192)
+    pixels = np.stack([load_pixels(photo, contract) for photo in photos])
+    assert pixels.dtype == np.uint8 and pixels.shape == (4, 192, 192, 3)
+    batch = normalize(pixels, contract)
+    assert batch.dtype == np.float32 and batch.shape == (4, 3, 192, 192)
+    assert batch.flags.c_contiguous
+    for row, photo in zip(batch, photos):
+        assert np.array_equal(row, load_and_preprocess(photo, contract))

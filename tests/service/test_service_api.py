@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from service.contract import load_and_preprocess, softmax
-from tests.service.conftest import LABELS, SERVER_ENV, tiny_contract
+from tests.service.conftest import LABELS, SERVER_ENV, Server, tiny_contract
 
 MAX_IMAGE_BYTES = int(SERVER_ENV["CLASSIFIER_MAX_IMAGE_BYTES"])
 MAX_IMAGES = int(SERVER_ENV["CLASSIFIER_MAX_IMAGES_PER_REQUEST"])
@@ -255,3 +255,32 @@ def test_lone_request_latency_recovers_after_a_burst(client, photos):
     assert windows and set(windows.values()) == {0.0}, windows
     # Generous: shared 2-core machine. The stock batcher measured 14 -> 83 ms (6x) here.
     assert after < 3 * before + 0.010, f"lone p50 {before * 1e3:.1f} ms -> {after * 1e3:.1f} ms"
+
+
+def wait_for_log_line(server, text: str, timeout_s: float = 15) -> str:
+    """The server's log once it holds `text` (access lines are flushed after the answer)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in (log := server.log()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return log
+
+
+def test_internal_model_calls_stay_out_of_the_access_log(server, client, photos, tiny_onnx,
+                                                         tmp_path):
+    """One internal call per image would double the access log (and cost ~5 % throughput);
+    CLASSIFIER_TRACE_MODEL_CALLS=true brings those lines back for debugging."""
+    name, data = photos[0]
+    assert client.post("/classify", files={"image": (name, data)}).status_code == 200
+    log = wait_for_log_line(server, "path=/classify")
+    assert "path=/classify" in log
+    assert "path=/logits" not in log
+
+    traced = Server({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx),
+                     "CLASSIFIER_TRACE_MODEL_CALLS": "true"}, tmp_path / "traced.log")
+    try:
+        traced.wait_ready()
+        answer = httpx.post(f"{traced.url}/classify", files={"image": (name, data)}, timeout=60)
+        assert answer.status_code == 200
+        assert "path=/logits" in wait_for_log_line(traced, "path=/logits")
+    finally:
+        traced.stop()

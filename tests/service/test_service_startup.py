@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from service.contract import ModelContract
-from service.runtime import choose_providers
+from service.runtime import choose_providers, create_session
 from tests.conftest import REPO, free_port
 from tests.service.conftest import LABELS, build_tiny_cnn
 
@@ -73,3 +73,12 @@ def test_cuda_request_without_gpu_runtime_is_a_clear_error():
     assert choose_providers("auto") == ["CPUExecutionProvider"]
     with pytest.raises(RuntimeError, match="install onnxruntime-gpu"):
         choose_providers("cuda")
+
+
+@pytest.mark.parametrize("spin_wait, expected", [(False, "0"), (True, "1")])
+def test_session_threads_spin_only_when_asked(tiny_onnx, spin_wait, expected):
+    """Off by default in the service: spinning ORT threads steal the API process's cores."""
+    session = create_session(tiny_onnx, threads=2, device="cpu", spin_wait=spin_wait)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
