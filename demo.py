@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from service.local_server import ServerNotReady, exit_reason, free_port, wait_until_ready
+
 REPO = Path(__file__).resolve().parent
 CATALOG = REPO / "demo_data" / "catalog"
 console = Console()
@@ -33,12 +33,6 @@ console = Console()
 
 class StepFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Servers(contextlib.AbstractContextManager):
@@ -74,15 +68,10 @@ class Servers(contextlib.AbstractContextManager):
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> float:
     """Poll `url` until it answers 200; returns seconds waited. Fails if the server dies."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise StepFailed(f"server exited with code {proc.returncode}; see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.perf_counter() - start
-        time.sleep(0.2)
-    raise StepFailed(f"{url} did not answer 200 within {timeout:.0f} s; see {log}")
+    try:
+        return wait_until_ready(url, timeout_s=timeout, exited=exit_reason(proc), interval_s=0.2)
+    except ServerNotReady as exc:
+        raise StepFailed(f"{exc}; see {log}") from None
 
 
 def run_step(title: str, argv: list[str], log_dir: Path, env: dict | None = None) -> str:

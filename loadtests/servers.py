@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-import httpx
 import psutil
+
+from service.local_server import ServerNotReady, exit_reason, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -98,22 +99,13 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
 
 def wait_ready(server: ServerProcess, path: str, timeout: float, started: float) -> float:
     """Poll `path` until it answers 200; returns seconds since `started`."""
-    deadline = started + timeout
-    with httpx.Client(timeout=2.0) as client:
-        while time.perf_counter() < deadline:
-            if server.process.poll() is not None:
-                raise ServerStartError(
-                    f"{server.name} exited with code {server.process.returncode} before it was "
-                    f"ready; last log lines:\n{server.log_tail()}")
-            try:
-                if client.get(server.url + path).status_code == 200:
-                    return time.perf_counter() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-    server.stop()
-    raise ServerStartError(f"{server.name} not ready at {server.url}{path} after {timeout:.0f}s; "
-                           f"last log lines:\n{server.log_tail()}")
+    try:
+        return wait_until_ready(server.url + path, timeout_s=timeout, started=started,
+                                exited=exit_reason(server.process))
+    except ServerNotReady as exc:
+        server.stop()
+        raise ServerStartError(f"{server.name}: {exc}; last log lines:\n{server.log_tail()}") \
+            from None
 
 
 def _launch(name: str, command: list[str], env: dict[str, str], port: int, log_dir: Path,

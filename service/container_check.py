@@ -28,6 +28,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp
 
 from service.contract import load_and_preprocess, softmax
+from service.local_server import ServerNotReady, wait_until_ready
 from service.model_store import read_contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,16 +121,10 @@ def check(config: ContainerCheck) -> None:
        f"localhost/{image}", "serve")
     url = f"http://127.0.0.1:{config.port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            raise SystemExit("container not ready in 180 s:\n" + subprocess.run(
+        try:
+            wait_until_ready(f"{url}/readyz", timeout_s=180, interval_s=1)
+        except ServerNotReady as exc:
+            raise SystemExit(f"container: {exc}\n" + subprocess.run(
                 ["podman", "logs", name], capture_output=True, text=True, check=False).stdout[-4000:])
         print(f"GET /readyz -> 200 ({time.monotonic() - started:.0f} s since start)")
         data = config.photo.read_bytes()

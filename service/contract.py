@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -61,7 +61,7 @@ class ModelContract(BaseModel):
         return labels
 
     @model_validator(mode="after")
-    def _positive_std(self) -> "ModelContract":
+    def _positive_std(self) -> ModelContract:
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
         return self
@@ -75,7 +75,7 @@ class ModelContract(BaseModel):
         }
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> "ModelContract":
+    def from_metadata(cls, metadata: Mapping[str, str]) -> ModelContract:
         raw = metadata.get(CONTRACT_KEY)
         if raw is None:
             raise ContractError(
@@ -127,7 +127,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def resize_short_side(contract: ModelContract) -> int:
-    return int(round(contract.input_size / contract.crop_pct))
+    return round(contract.input_size / contract.crop_pct)
 
 
 def crop_pixels(image: Image.Image, contract: ModelContract) -> np.ndarray:

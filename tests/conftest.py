@@ -6,7 +6,6 @@ Test files are named test_<area>_*.py so that names stay unique across folders.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -33,10 +32,3 @@ def shared_dataset() -> Path:
     if not SHARED_DATASET.is_dir():
         pytest.skip(f"{SHARED_DATASET} is not here (CI has it beside the clone)")
     return SHARED_DATASET
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

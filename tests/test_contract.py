@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.contract import (CONTRACT_KEY, ContractError, ImageDecodeError, ModelContract,
-                              decode_image, load_and_preprocess, load_pixels, normalize)
+from service.contract import (
+    CONTRACT_KEY,
+    ContractError,
+    ImageDecodeError,
+    ModelContract,
+    decode_image,
+    load_and_preprocess,
+    load_pixels,
+    normalize,
+)
 
 
 def test_contract_round_trips_through_metadata():
@@ -52,7 +60,7 @@ def test_decode_rejects_bad_bytes_with_reasons():
 
 
 def test_preprocess_normalises_a_real_photo(demo_catalog):
-    photo = sorted((demo_catalog / "hat").iterdir())[0].read_bytes()
+    photo = min((demo_catalog / "hat").iterdir()).read_bytes()
     contract = ModelContract(version="v", labels=["a", "b"], mean=(0.5,) * 3, std=(0.5,) * 3)
     tensor = load_and_preprocess(photo, contract)
     assert tensor.shape == (3, 224, 224) and tensor.dtype == np.float32
@@ -65,7 +73,7 @@ def test_preprocess_normalises_a_real_photo(demo_catalog):
 def test_split_preprocessing_gives_the_same_tensor(demo_catalog):
     """The service crops to uint8 in its API process and normalises the batch in its model
     process; that must be bit-identical to `load_and_preprocess` (what evaluation uses)."""
-    photos = [sorted(folder.iterdir())[0].read_bytes()
+    photos = [min(folder.iterdir()).read_bytes()
               for folder in sorted(demo_catalog.iterdir())[:4]]
     contract = ModelContract(version="v", labels=["a", "b"], mean=(0.485, 0.456, 0.406),
                              std=(0.229, 0.224, 0.225), input_size=192)

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from rich.table import Table
 
 from collector.manifest import MANIFEST_FILE, Manifest
 from collector.review.store import ImageQuery, ReviewStore, build_page_query
+from service.local_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 console = Console()
@@ -60,12 +60,6 @@ def build(root: Path, n_images: int, catalog: Path) -> Path:
     store.save_predictions([(i, labels[(i - 1) % 10], labels[0], 0.5, 0.5, rng.random(), False,
                              {}) for i in range(1, n_images + 1)], model="bench")
     return root / MANIFEST_FILE
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def median_ms(fn, repeats: int) -> float:

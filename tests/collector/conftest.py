@@ -12,7 +12,8 @@ import pytest
 from collector.config import load_sources
 from collector.crawl import crawl
 from collector.demo_shop import FAULTS, DemoShop, write_sources
-from tests.conftest import DEMO_CATALOG, free_port
+from service.local_server import free_port
+from tests.conftest import DEMO_CATALOG
 
 
 def start_shop(faults=FAULTS, per_label: int | None = None, **options) -> DemoShop:

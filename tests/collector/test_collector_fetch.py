@@ -10,8 +10,8 @@ import pytest
 
 from collector.config import Download, Politeness
 from collector.fetch import Fetcher, FetchError
+from service.local_server import free_port
 from tests.collector.conftest import start_shop
-from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "demo.py", "--small", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=1200)
+                            capture_output=True, text=True, timeout=1200, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     stats = json.loads((out / "dataset" / "stats.json").read_text())

@@ -12,7 +12,8 @@ from typing import Self
 import pytest
 
 from loadtests.servers import start_bentoml
-from tests.conftest import DEMO_CATALOG, free_port
+from service.local_server import free_port
+from tests.conftest import DEMO_CATALOG
 from tests.service.conftest import build_tiny_cnn, tiny_contract
 
 

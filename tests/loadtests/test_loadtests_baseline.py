@@ -10,7 +10,7 @@ import torch
 from loadtests.checks import batch_problem, classify_problem
 from loadtests.servers import start_baseline
 from service.contract import load_and_preprocess
-from tests.conftest import free_port
+from service.local_server import free_port
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from collector.dedup import run_dedup
 from collector.manifest import MANIFEST_FILE, Manifest
-from tests.conftest import free_port
+from service.local_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "reports" / "review-screenshots"

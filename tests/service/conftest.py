@@ -6,17 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
-from tests.conftest import REPO, free_port
+from service.local_server import ServerNotReady, exit_reason, free_port, wait_until_ready
+from tests.conftest import REPO
 
 LABELS = ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt",
           "t-shirt"]
@@ -97,17 +96,11 @@ class Server:
             start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"bentoml serve not ready in {timeout_s} s:\n{self.log()}")
+        try:
+            wait_until_ready(f"{self.url}/readyz", timeout_s=timeout_s,
+                             exited=exit_reason(self.process), interval_s=0.5)
+        except ServerNotReady as exc:
+            raise RuntimeError(f"bentoml serve: {exc}:\n{self.log()}") from None
 
     def log(self) -> str:
         self._log.flush()

@@ -10,8 +10,9 @@ import onnx
 import pytest
 
 from service.contract import ModelContract
+from service.local_server import free_port
 from service.runtime import choose_providers, create_session
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.service.conftest import LABELS, build_tiny_cnn
 
 
