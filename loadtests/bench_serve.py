@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from loadtests.locust_run import LoadResult, run_locust
 from loadtests.payloads import DEFAULT_CATALOG, load_payloads
 from loadtests.prom import mean_batch_size, scrape
 from loadtests.servers import REPO, ServerProcess, ServerStartError, start_baseline, start_bentoml
+from service.local_server import free_port
 from service.model_store import read_contract
 
 # Piped output (make, CI logs) would wrap the table at 80 columns.
@@ -68,13 +68,16 @@ class BenchServeConfig(BaseSettings):
     warmup_s: float = Field(4.0, ge=0, description="unmeasured load after each server start")
     variants: list[Literal["service", "nobatch", "int8", "baseline"]] = Field(
         ["service", "nobatch", "int8", "baseline"], description="servers to measure")
-    cpu_split: Literal["pinned", "shared"] = Field("pinned", description=(
-        "pinned: server on --server-cpus, Locust on --loadgen-cpus (taskset); shared: no "
-        "pinning, both float over every core"))
+    cpu_splits: list[Literal["pinned", "shared"]] = Field(["pinned", "shared"], description=(
+        "how the server and Locust share the cores, each measured in turn: pinned: server on "
+        "--server-cpus, Locust on --loadgen-cpus (taskset), per-core efficiency; shared: no "
+        "pinning, the server may use every core (Locust needs ~5 % of one), as on a "
+        "deployment box"))
     server_cpus: str = Field("1", description="cores for the server and the ceiling (pinned)")
     loadgen_cpus: str = Field("0", description="cores for Locust (pinned)")
     threads: int | None = Field(None, ge=1, description=(
-        "ONNX Runtime / torch intra-op threads; default: the number of server cores"))
+        "ONNX Runtime / torch intra-op threads; default: the cores the server may use (1 "
+        "pinned, all shared), which is also what torch picks by itself"))
     ceiling_batch_sizes: list[int] = Field([1, 8, 16, 32], description=(
         "batch sizes tried for the in-process ceiling; the best one counts"))
     ceiling_seconds: float = Field(3.0, gt=0, description="seconds per ceiling batch size")
@@ -82,7 +85,8 @@ class BenchServeConfig(BaseSettings):
         "photos posted by Locust and timed for decode"))
     sizes: str = Field("thumb,original,large", description="photo size classes posted")
     photos_per_label: int = Field(3, ge=1, description="photos per label, each in every size")
-    out: Path = Field(REPO / "bench_out" / "serve", description="reports, logs, JSON, markdown")
+    out: Path = Field(REPO / "bench_out" / "serve", description=(
+        "reports, logs, JSON, markdown: one sub-folder per core split"))
     profile: bool = Field(True, description=(
         "after the measured steps, py-spy the fp32 service under the largest load and report "
         "where its CPU time goes (not counted in the table: the profiler slows it)"))
@@ -95,7 +99,11 @@ class BenchServeConfig(BaseSettings):
                 raise SystemExit("--prepare-only needs --run RUN_DIR")
             prepare_run(self.run)
             return
-        run_bench(self)
+        results = {split: run_bench(self, split) for split in self.cpu_splits}
+        if len(results) > 1:
+            from loadtests.report import render_splits
+
+            render_splits(results, self, console)
 
 
 @dataclass
@@ -123,12 +131,6 @@ class BenchResult:
     steps: list[Step] = field(default_factory=list)
     not_measured: dict[str, str] = field(default_factory=dict)   # variant -> why
     profile: dict[str, float] = field(default_factory=dict)      # stage -> % of CPU samples
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cpu_count(cpus: str) -> int:
@@ -235,9 +237,11 @@ def profile_server(server: ServerProcess, config: BenchServeConfig,
     return shares
 
 
-def run_bench(config: BenchServeConfig) -> BenchResult:
+def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResult:
+    """Every variant under one core split; writes its report to OUT/<cpu_split>/."""
+    config = config.model_copy(update={"out": config.out / cpu_split})
     config.out.mkdir(parents=True, exist_ok=True)
-    pinned = config.cpu_split == "pinned"
+    pinned = cpu_split == "pinned"
     server_cpus = config.server_cpus if pinned else None
     loadgen_cpus = config.loadgen_cpus if pinned else None
     threads = config.threads or (_cpu_count(config.server_cpus) if pinned else os.cpu_count())
@@ -249,10 +253,12 @@ def run_bench(config: BenchServeConfig) -> BenchResult:
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         machine=f"{platform.node()} {os.cpu_count()} cores, load avg at start "
                 f"{os.getloadavg()[0]:.1f}",
-        cpu_split=(f"server on CPU {config.server_cpus}, Locust on CPU {config.loadgen_cpus} "
-                   f"(taskset)" if pinned else "unpinned: server and Locust share every core"),
+        cpu_split=(f"pinned: server on CPU {config.server_cpus}, Locust on CPU "
+                   f"{config.loadgen_cpus} (taskset)" if pinned
+                   else "shared: server and Locust unpinned, both may use every core"),
         threads=threads, decode_ms={}, ceiling={}, cold_start_s={})
-    console.rule(f"bench-serve: {contract.name} {contract.version} ({contract.architecture})")
+    console.rule(f"bench-serve, cores {cpu_split}: {contract.name} {contract.version} "
+                 f"({contract.architecture})")
     console.print(f"fp32 {fp32}\nint8 {int8}\n{result.cpu_split}; {threads} intra-op thread(s)")
 
     result.decode_ms = ceiling.decode_cost_ms(payloads, contract, cpus=server_cpus)

@@ -1,7 +1,8 @@
 """Turn a bench-serve result into the table, the ratios and a verdict per target.
 
-Printed with rich and written as markdown (bench_out/serve/bench_serve.md) so the same
-figures go into BENCHMARKS.md unedited.
+Printed with rich and written as markdown (bench_out/serve/<split>/bench_serve.md, and both
+splits side by side in bench_out/serve/bench_serve.md) so the same figures go into
+BENCHMARKS.md unedited.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ VARIANT_NAMES = {"service": "service fp32, batching on", "nobatch": "service fp3
 def _fmt(value: float, digits: int = 1) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.{digits}f}"
+
+
+def _times(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -240,6 +245,53 @@ def render(result: BenchResult, config: BenchServeConfig, console: Console,
     return s
 
 
+def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
+    """The issue's targets with one column per core split, then each split's own report."""
+    summaries = {split: summary(result, users) for split, result in results.items()}
+
+    def row(name: str, cell) -> str:
+        return f"| {name} | " + " | ".join(cell(s) for s in summaries.values()) + " |"
+
+    def mark(met: bool | None) -> str:
+        return "not measured" if met is None else ("met" if met else "**missed**")
+
+    judged = {split: verdicts(s) for split, s in summaries.items()}
+    lines = [f"Targets at {users} users, by how the 2 cores were split:", "",
+             "| | " + " | ".join(f"cores {split}" for split in results) + " |",
+             "|---|" + "---|" * len(results),
+             row("service fp32 req/s", lambda s: _fmt(s["rps"]["service"])),
+             row("service int8 req/s", lambda s: _fmt(s["rps"]["int8"])),
+             row("baseline req/s", lambda s: _fmt(s["rps"]["baseline"])),
+             row("in-process ceiling fp32 images/s",
+                 lambda s: f"{_fmt(s['ceiling_fp32'], 0)} (batch {s['best_batch']})"),
+             row("service / baseline (int8 service / baseline)",
+                 lambda s: f"{_times(s['service_vs_baseline'])} "
+                           f"({_times(s['int8_vs_baseline'])})"),
+             row("service / ceiling", lambda s: _fmt(s["service_vs_ceiling"], 2)),
+             row("batching on / off", lambda s: _fmt(s["batching_on_vs_off"], 2))]
+    for index, (target, _, _) in enumerate(next(iter(judged.values()))):
+        lines.append(f"| {target} | " + " | ".join(
+            mark(verdict[index][1]) for verdict in judged.values()) + " |")
+    lines.append("")
+    for split, result in results.items():
+        lines.append(f"Cores {split}: {result.cpu_split}; {result.threads} intra-op thread(s).")
+    return "\n".join(lines) + "\n"
+
+
+def render_splits(results: dict[str, BenchResult], config: BenchServeConfig,
+                  console: Console) -> str:
+    """Print and write (OUT/bench_serve.md) the targets for every core split side by side."""
+    text = splits_markdown(results, max(config.users))
+    console.rule("bench-serve: both core splits")
+    console.print(text)
+    (config.out / "bench_serve.md").write_text(text + "".join(
+        f"\n## Cores {split}\n\n" + (config.out / split / "bench_serve.md").read_text()
+        for split in results))
+    console.print(f"[dim]written: {config.out}/bench_serve.md (every split), "
+                  f"{config.out}/<split>/ (each split's JSON, logs, Locust reports)[/]")
+    return text
+
+
 def load_result(path: Path) -> BenchResult:
     """A saved bench_serve.json back into a BenchResult."""
     from loadtests.bench_serve import BenchResult, Step
@@ -251,12 +303,12 @@ def load_result(path: Path) -> BenchResult:
 
 
 def main() -> None:
-    """`python -m loadtests.report bench_out/serve/bench_serve.json`: print the report again."""
+    """`python -m loadtests.report bench_out/serve/pinned/bench_serve.json`: print it again."""
     import sys
 
     from loadtests.bench_serve import BenchServeConfig
 
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out/serve/bench_serve.json")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out/serve/pinned/bench_serve.json")
     result = load_result(path)
     users = max(step.users for step in result.steps)
     print(markdown(result, BenchServeConfig(users=[users], out=path.parent),

@@ -22,7 +22,8 @@ def test_bench_serve_measures_service_and_baseline_side_by_side(tiny_onnx_model,
         photos_per_label=1,
         variants=["service", "baseline"], ceiling_batch_sizes=[1, 4],
         ceiling_seconds=0.3, out=tmp_path, profile=False)
-    result = run_bench(config)
+    result = run_bench(config, "shared")
+    out = tmp_path / "shared"
 
     assert [(s.variant, s.users) for s in result.steps] == [("service", 2), ("baseline", 2)]
     for step in result.steps:
@@ -39,14 +40,14 @@ def test_bench_serve_measures_service_and_baseline_side_by_side(tiny_onnx_model,
     figures = summary(result, 2)
     assert figures["service_vs_baseline"] > 0 and figures["service_vs_baseline_cpu"] > 0
     assert math.isnan(figures["batching_on_vs_off"])  # not asked for, not made up
-    markdown = (tmp_path / "bench_serve.md").read_text()
+    markdown = (out / "bench_serve.md").read_text()
     assert "| service fp32, batching on | 2 |" in markdown
     assert "| baseline FastAPI + torch eager | 2 |" in markdown
     assert "zero errors at 2 users: **met**" in markdown
     assert "int8 / fp32 n/a" in markdown  # int8 not measured here, and the report says so
-    saved = json.loads((tmp_path / "bench_serve.json").read_text())
+    saved = json.loads((out / "bench_serve.json").read_text())
     assert len(saved["steps"]) == 2
-    assert (tmp_path / "service_u2.html").is_file()
+    assert (out / "service_u2.html").is_file()
 
 
 def test_soak_reports_memory_and_latency_over_time(tiny_service, tmp_path):

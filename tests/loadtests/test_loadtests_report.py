@@ -5,7 +5,7 @@ from __future__ import annotations
 from loadtests.bench_serve import BenchResult, Step
 from loadtests.locust_run import LoadResult
 from loadtests.profile import stage_shares
-from loadtests.report import summary, verdicts
+from loadtests.report import splits_markdown, summary, verdicts
 
 
 def _step(variant, rps, per_cpu, failures=0, reasons=None):
@@ -46,6 +46,18 @@ def test_shed_load_is_explained_with_the_queueing_time():
                       _step("baseline", 5, 10)])
     (_, met, why), = [v for v in verdicts(summary(result, 32)) if v[0].startswith("zero errors")]
     assert met is False and "Little's law" in why and "1.60 s" in why  # 32 users / 20 req/s
+
+
+def test_core_splits_are_judged_side_by_side():
+    pinned = _result([_step("service", 18, 36), _step("baseline", 12, 20)])
+    shared = _result([_step("service", 60, 64), _step("baseline", 15, 20)])
+    shared.cpu_split = "shared: both float"
+    text = splits_markdown({"pinned": pinned, "shared": shared}, 32)
+    assert "| | cores pinned | cores shared |" in text
+    assert "| service / baseline (int8 service / baseline) | 1.50x (n/a) | 4.00x (n/a) |" in text
+    assert "| service >= 3x baseline at 32 users | **missed** | met |" in text
+    assert "| service >= 0.5 x in-process ceiling | **missed** | met |" in text  # 18/40
+    assert "Cores shared: shared: both float" in text
 
 
 def test_profile_samples_go_to_the_innermost_stage_and_idle_is_left_out(tmp_path):
