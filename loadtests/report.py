@@ -273,8 +273,8 @@ def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
         lines.append(f"| {target} | " + " | ".join(
             mark(verdict[index][1]) for verdict in judged.values()) + " |")
     lines.append("")
-    for split, result in results.items():
-        lines.append(f"Cores {split}: {result.cpu_split}; {result.threads} intra-op thread(s).")
+    for result in results.values():
+        lines.append(f"- {result.cpu_split}; {result.threads} intra-op thread(s).")
     return "\n".join(lines) + "\n"
 
 

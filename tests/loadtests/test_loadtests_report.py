@@ -57,7 +57,7 @@ def test_core_splits_are_judged_side_by_side():
     assert "| service / baseline (int8 service / baseline) | 1.50x (n/a) | 4.00x (n/a) |" in text
     assert "| service >= 3x baseline at 32 users | **missed** | met |" in text
     assert "| service >= 0.5 x in-process ceiling | **missed** | met |" in text  # 18/40
-    assert "Cores shared: shared: both float" in text
+    assert "- shared: both float; 1 intra-op thread(s)." in text
 
 
 def test_profile_samples_go_to_the_innermost_stage_and_idle_is_left_out(tmp_path):
