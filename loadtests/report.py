@@ -246,7 +246,7 @@ def render(result: BenchResult, config: BenchServeConfig, console: Console,
 
 
 def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
-    """The issue's targets with one column per core split, then each split's own report."""
+    """The key figures and the issue's targets, one column per core split."""
     summaries = {split: summary(result, users) for split, result in results.items()}
 
     def row(name: str, cell) -> str:
@@ -256,7 +256,7 @@ def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
         return "not measured" if met is None else ("met" if met else "**missed**")
 
     judged = {split: verdicts(s) for split, s in summaries.items()}
-    lines = [f"Targets at {users} users, by how the 2 cores were split:", "",
+    lines = [f"Targets at {users} users, by how the cores were split:", "",
              "| | " + " | ".join(f"cores {split}" for split in results) + " |",
              "|---|" + "---|" * len(results),
              row("service fp32 req/s", lambda s: _fmt(s["rps"]["service"])),
