@@ -18,7 +18,7 @@ from typing import Self
 
 import psutil
 
-from service.local_server import ServerNotReady, exit_reason, wait_until_ready
+from service.local_server import ServerNotReady, exit_reason, own_bentoml_home, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -109,12 +109,12 @@ def wait_ready(server: ServerProcess, path: str, timeout: float, started: float)
 
 
 def _launch(name: str, command: list[str], env: dict[str, str], port: int, log_dir: Path,
-            ready_path: str, timeout: float) -> ServerProcess:
+            ready_path: str, timeout: float, cwd: Path = REPO) -> ServerProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = log_path.open("wb")
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=log_file,
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=log_file,
                                stderr=subprocess.STDOUT, start_new_session=True)
     log_file.close()
     server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log_path)
@@ -128,12 +128,16 @@ def _launch(name: str, command: list[str], env: dict[str, str], port: int, log_d
 
 def start_bentoml(model_ref: str, port: int, *, cpus: str | None = None,
                   settings: dict[str, str] | None = None, log_dir: Path = REPO / "reports",
-                  name: str = "service", timeout: float = 120.0) -> ServerProcess:
-    """`bentoml serve service.service:ProductClassifier` on 127.0.0.1:port with MODEL_TAG."""
-    env = {"MODEL_TAG": model_ref, "BENTOML_DO_NOT_TRACK": "True", **(settings or {})}
+                  name: str = "service", timeout: float = 120.0,
+                  cwd: Path = REPO) -> ServerProcess:
+    """`bentoml serve service.service:ProductClassifier` on 127.0.0.1:port with MODEL_TAG.
+
+    `cwd` is the checkout whose `service/` is served (another commit's worktree in an A/B)."""
+    env = {"MODEL_TAG": model_ref, "BENTOML_DO_NOT_TRACK": "True",
+           **own_bentoml_home(model_ref, log_dir / name), **(settings or {})}
     command = [str(BIN / "bentoml"), "serve", "service.service:ProductClassifier",
                "--host", "127.0.0.1", "--port", str(port)]
-    return _launch(name, pinned(command, cpus), env, port, log_dir, "/readyz", timeout)
+    return _launch(name, pinned(command, cpus), env, port, log_dir, "/readyz", timeout, cwd)
 
 
 def start_baseline(run_dir: Path, port: int, *, cpus: str | None = None, threads: int = 1,

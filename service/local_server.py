@@ -1,7 +1,8 @@
 """Running a server on 127.0.0.1: a free port, and waiting until its readiness endpoint says 200.
 
 Shared by everything that starts the service (or the baseline) and must know when it can take
-traffic: `make demo`, the tests, the benchmarks and the container check.
+traffic, or must not disturb another BentoML server: `make demo`, the tests, the benchmarks and
+the container check.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -49,3 +51,18 @@ def wait_until_ready(url: str, *, timeout_s: float, exited: Callable[[], str | N
 def exit_reason(process) -> Callable[[], str | None]:
     """`exited` for a subprocess.Popen: its exit code once it has ended."""
     return lambda: None if process.poll() is None else f"exited with code {process.returncode}"
+
+
+def own_bentoml_home(model_ref: str, folder: Path) -> dict[str, str]:
+    """Env that gives a `bentoml serve` of a model *file* a BentoML home of its own.
+
+    `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts, which wipes
+    the /metrics of every other BentoML server running under the same home (a user's own
+    service, or another server of a benchmark or test). A model file needs no model store, so
+    such a server gets its own home under `folder`; a store tag keeps the shared one.
+    """
+    if not Path(model_ref).is_file():
+        return {}
+    home = folder / "bentoml-home"
+    home.mkdir(parents=True, exist_ok=True)
+    return {"BENTOML_HOME": str(home)}

@@ -14,7 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
-from service.local_server import ServerNotReady, exit_reason, free_port, wait_until_ready
+from service.local_server import (
+    ServerNotReady,
+    exit_reason,
+    free_port,
+    own_bentoml_home,
+    wait_until_ready,
+)
 from tests.conftest import REPO
 
 LABELS = ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt",
@@ -92,7 +98,9 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target,
              "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=cwd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **own_bentoml_home(env.get("MODEL_TAG", ""),
+                                                  log_path.with_suffix("")), **env},
             start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
