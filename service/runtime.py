@@ -37,7 +37,7 @@ def create_session(onnx_path: Path, *, threads: int, device: str,
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle pool threads spin for work by default; when the API process shares these cores,
-    # that spinning steals its CPU (measured ~9 % fewer req/s with spinning, BENCHMARKS.md).
+    # that spinning steals its CPU (fewer req/s with spinning: BENCHMARKS.md, service section).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
     session = ort.InferenceSession(str(onnx_path), options, providers=choose_providers(device))
     if device == "cuda" and CUDA not in session.get_providers():

@@ -84,7 +84,7 @@ rejections_counter = bentoml.metrics.Counter(
 # ServerDisconnectedError). The connection is local and long-lived; never recycle it.
 NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 1e9}
 # The model service answers one internal call per image; its access-log line and trace span
-# repeat the API's own and cost ~6 % of throughput (BENCHMARKS.md), so they are off by default.
+# repeat the API's own and cost throughput (BENCHMARKS.md), so they are off by default.
 QUIET_HOP = {"logging": {"access": {"enabled": False}}, "tracing": {"excluded_urls": ["/logits"]}}
 
 

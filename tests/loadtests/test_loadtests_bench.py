@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 import math
 
+import httpx
+
+from loadtests.ab_serve import AbServeConfig, Variant, run_ab
 from loadtests.bench_serve import BenchServeConfig, run_bench
+from loadtests.prom import scrape
 from loadtests.report import summary
 from loadtests.soak import SoakConfig, run_soak
+from tests.conftest import DEMO_CATALOG
 
 
 def test_bench_serve_measures_service_and_baseline_side_by_side(tiny_onnx_model, tiny_run,
@@ -63,3 +68,29 @@ def test_soak_reports_memory_and_latency_over_time(tiny_service, tmp_path):
     assert json.loads((tmp_path / "soak.json").read_text())["requests"] == report.requests
     assert (tmp_path / "soak.png").stat().st_size > 0
     assert (tmp_path / "soak_samples.csv").read_text().count("\n") == report.samples + 1
+
+
+def test_ab_serve_serves_each_variant_and_reports_cpu_by_process(tiny_onnx_model, tiny_service,
+                                                                 tmp_path):
+    variants = run_ab(AbServeConfig(
+        variants=["default", "nobatch:CLASSIFIER_BATCHING=false+CLASSIFIER_TOP_K=2"],
+        model=tiny_onnx_model, rounds=1, users=2, duration_s=2, warmup_s=0, cpu_split="shared",
+        out=tmp_path))
+    assert [v.name for v in variants] == ["default", "nobatch"]
+    assert variants[1].settings == {"CLASSIFIER_BATCHING": "false", "CLASSIFIER_TOP_K": "2"}
+    for variant in variants:
+        (figures,) = variant.rounds
+        assert figures["rps"] > 0 and figures["errors"] == 0
+        assert figures["api_ms"] > 0 and figures["model_ms"] > 0  # both BentoML processes found
+    assert Variant.parse("before@bb06f86").rev == "bb06f86"
+
+    # A service running meanwhile must still count its requests: `bentoml serve` empties its
+    # home's Prometheus folder when it starts, so each server of ours gets a home of its own.
+    def batches() -> float:
+        return scrape(tiny_service.url).get("classifier_model_batch_images_count", 0.0)
+
+    counted = batches()
+    photo = min((DEMO_CATALOG / "hat").iterdir()).read_bytes()
+    assert httpx.post(f"{tiny_service.url}/classify", files={"image": ("hat.jpg", photo)},
+                      timeout=30).status_code == 200
+    assert batches() == counted + 1

@@ -267,7 +267,7 @@ def wait_for_log_line(server, text: str, timeout_s: float = 15) -> str:
 
 def test_internal_model_calls_stay_out_of_the_access_log(server, client, photos, tiny_onnx,
                                                          tmp_path):
-    """One internal call per image would double the access log (and cost ~6 % throughput);
+    """One internal call per image would double the access log (and cost throughput);
     CLASSIFIER_TRACE_MODEL_CALLS=true brings those lines back for debugging."""
     name, data = photos[0]
     assert client.post("/classify", files={"image": (name, data)}).status_code == 200
