@@ -82,7 +82,7 @@ class Variant:
 
 
 def checkout(rev: str, stack: ExitStack) -> Path:
-    """A detached worktree of REV, removed when the run ends; `runs/` is shared with it."""
+    """A detached worktree of REV, removed when the run ends (the model is given by path)."""
     where = Path(tempfile.mkdtemp(prefix="ab-serve-"))
     subprocess.run(["git", "worktree", "add", "--detach", "--force", str(where), rev], cwd=REPO,
                    check=True, capture_output=True)
