@@ -29,9 +29,9 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
 
+from loadtests.bench_serve import single_photo_scenario
 from loadtests.locust_run import run_locust
-from loadtests.servers import REPO, start_bentoml
-from loadtests.soak import process_role
+from loadtests.servers import REPO, process_role, start_bentoml
 from service.local_server import free_port
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -94,7 +94,7 @@ def checkout(rev: str, stack: ExitStack) -> Path:
 def measure(variant: Variant, cwd: Path, config: AbServeConfig) -> dict[str, float]:
     pinned = config.cpu_split == "pinned"
     settings = {"CLASSIFIER_ORT_THREADS": "1" if pinned else "2", **variant.settings}
-    scenario = ["--classify-weight", "1", "--batch-weight", "0"]  # one photo per request
+    scenario = single_photo_scenario()  # as bench-serve: one photo per request, 3 sizes
     loadgen = "0" if pinned else None
     with start_bentoml(str(config.model), free_port(), cpus="1" if pinned else None,
                        settings=settings, log_dir=config.out, name=variant.name,

@@ -174,16 +174,17 @@ def resolve_models(config: BenchServeConfig) -> tuple[Path, Path | None, Path | 
     return fp32, int8, config.run
 
 
-def single_photo_scenario(config: BenchServeConfig) -> list[str]:
+def single_photo_scenario(sizes: str = "thumb,original,large", catalog: Path = DEFAULT_CATALOG,
+                          photos_per_label: int = 3) -> list[str]:
     """Locust flags: only /classify, one photo per request, so req/s = images/s."""
-    return ["--classify-weight", "1", "--batch-weight", "0", "--sizes", config.sizes,
-            "--catalog", str(config.catalog), "--photos-per-label", str(config.photos_per_label)]
+    return ["--classify-weight", "1", "--batch-weight", "0", "--sizes", sizes,
+            "--catalog", str(catalog), "--photos-per-label", str(photos_per_label)]
 
 
 def measure_server(server: ServerProcess, variant: str, config: BenchServeConfig,
                    loadgen_cpus: str | None, result: BenchResult) -> None:
     label = "service" if variant != "baseline" else "baseline"
-    extra = single_photo_scenario(config)
+    extra = single_photo_scenario(config.sizes, config.catalog, config.photos_per_label)
     if config.warmup_s:
         run_locust(server.url, max(config.users), config.warmup_s,
                    config.out / f"{variant}_warmup", cpus=loadgen_cpus, extra=extra,
@@ -221,7 +222,7 @@ def profile_server(server: ServerProcess, config: BenchServeConfig,
         return {}
     run_locust(server.url, max(config.users), seconds + 2, config.out / "profile_load",
                cpus=loadgen_cpus, timeout_s=seconds + 90,
-               extra=single_photo_scenario(config))
+               extra=single_photo_scenario(config.sizes, config.catalog, config.photos_per_label))
     try:
         _, errors = recorder.communicate(timeout=60)
     except subprocess.TimeoutExpired:

@@ -92,6 +92,19 @@ class ServerProcess:
         self.stop()
 
 
+def process_role(proc: psutil.Process) -> str:
+    """model / api / supervisor for BentoML's processes (by command line), else the name."""
+    try:
+        command = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    if "onnx-model" in command:
+        return "model"
+    if "--service-name" in command:
+        return "api"
+    return "supervisor" if "bentoml" in command else proc.name()
+
+
 def pinned(command: list[str], cpus: str | None) -> list[str]:
     """Prefix `command` with taskset when `cpus` (e.g. "1" or "0-1") is given."""
     return ["taskset", "-c", cpus, *command] if cpus else command

@@ -32,7 +32,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from rich.console import Console
 
 from loadtests.locust_run import run_locust
-from loadtests.servers import REPO, start_bentoml
+from loadtests.servers import REPO, process_role, start_bentoml
 
 console = Console()
 
@@ -112,19 +112,6 @@ def server_processes(url: str) -> list[psutil.Process]:
         for proc in [root, *root.children(recursive=True)]:
             found[proc.pid] = proc
     return list(found.values())
-
-
-def process_role(proc: psutil.Process) -> str:
-    """model / api / supervisor for BentoML's processes (by command line), else the name."""
-    try:
-        command = " ".join(proc.cmdline())
-    except psutil.Error:
-        return "gone"
-    if "onnx-model" in command:
-        return "model"
-    if "--service-name" in command:
-        return "api"
-    return "supervisor" if "bentoml" in command else proc.name()
 
 
 class RssSampler(threading.Thread):
