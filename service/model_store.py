@@ -12,9 +12,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnxruntime as ort  # reading metadata only; no session is built here
-
 from service.contract import ContractError, ModelContract
+from service.runtime import create_session
 
 MODEL_FILE = "model.onnx"
 DEFAULT_MODEL_NAME = "product-classifier"
@@ -33,9 +32,7 @@ def read_contract(onnx_path: Path) -> ModelContract:
     if not onnx_path.is_file():
         raise ContractError(f"model file {onnx_path} does not exist")
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = create_session(onnx_path, optimize=False)  # metadata only: no optimisation
     except Exception as exc:
         raise ContractError(f"{onnx_path} is not a loadable ONNX model: {exc}") from exc
     contract = ModelContract.from_metadata(session.get_modelmeta().custom_metadata_map)

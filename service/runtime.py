@@ -27,24 +27,32 @@ def choose_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def create_session(onnx_path: Path, *, threads: int, device: str,
-                   spin_wait: bool = True) -> ort.InferenceSession:
+def create_session(model: Path | str | bytes, *, threads: int | None = None, device: str = "cpu",
+                   spin_wait: bool = True, optimize: bool = True) -> ort.InferenceSession:
+    """The one way this project opens an ONNX file (or bytes) with ONNX Runtime.
+
+    `threads=None` keeps ORT's own pool size; `optimize=False` skips graph optimisation for a
+    cheap look at metadata and I/O shapes.
+    """
     options = ort.SessionOptions()
     # Explicit: by default ORT sizes its pool to every core of the host, and several workers
     # (or a container with a CPU quota) would then oversubscribe the machine.
-    options.intra_op_num_threads = threads
+    if threads:
+        options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     # Idle pool threads spin for work by default; when the API process shares these cores,
     # that spinning steals its CPU (fewer req/s with spinning: BENCHMARKS.md, service section).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-    session = ort.InferenceSession(str(onnx_path), options, providers=choose_providers(device))
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=choose_providers(device))
     if device == "cuda" and CUDA not in session.get_providers():
         raise RuntimeError(f"CUDA was asked for but ONNX Runtime fell back to "
                            f"{session.get_providers()} (no usable GPU or CUDA libraries)")
-    logger.info("ONNX Runtime session on %s, %d intra-op threads", session.get_providers()[0],
-                threads)
+    logger.debug("ONNX Runtime session on %s, %s intra-op threads", session.get_providers()[0],
+                 threads or "default")
     return session
 
 
@@ -68,9 +76,7 @@ def check_io(session: ort.InferenceSession, contract: ModelContract) -> None:
 
 def check_model_file(onnx_path: Path, contract: ModelContract) -> None:
     """`check_io` on an unoptimised session: cheap enough to run before anything starts."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    check_io(ort.InferenceSession(str(onnx_path), options, providers=[CPU]), contract)
+    check_io(create_session(onnx_path, optimize=False), contract)
 
 
 def run_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
