@@ -24,8 +24,11 @@ from torchvision.transforms import v2 as T
 from service.contract import (
     ImageDecodeError,
     ModelContract,
+    crop_pixels,
     decode_image,
     load_and_preprocess,
+    normalize,
+    preprocess,
     resize_short_side,
 )
 from trainer.config import TrainerError
@@ -213,7 +216,7 @@ def train_transform(config, contract: ModelContract) -> T.Compose:
     normalize = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
                  T.Normalize(list(contract.mean), list(contract.std))]
     if config.augment == "none":
-        return T.Compose([T.Lambda(lambda img: _eval_pil(img, contract))] + normalize)
+        return EvalView(contract)
     steps = [T.RandomResizedCrop(size, scale=(config.min_crop_scale, 1.0), antialias=True),
              T.RandomHorizontalFlip()]
     if config.augment == "recipe":
@@ -225,14 +228,24 @@ def train_transform(config, contract: ModelContract) -> T.Compose:
     return T.Compose(steps + normalize)
 
 
-def _eval_pil(image: Image.Image, contract: ModelContract) -> Image.Image:
-    """The geometric part of `service.contract.preprocess`, kept as a PIL image."""
-    size = contract.input_size
-    width, height = image.size
-    side = min(width, height) * contract.crop_pct
-    left, top = (width - side) / 2, (height - side) / 2
-    return image.resize((size, size), Image.Resampling.BILINEAR,
-                        box=(left, top, left + side, top + side))
+class EvalView:
+    """PIL image -> the evaluation tensor, by the contract's own `preprocess` (crop, then
+    normalise): the service's transform, not a copy of it. A class, not a lambda, so
+    DataLoader workers can pickle it."""
+
+    def __init__(self, contract: ModelContract):
+        self.contract = contract
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess(image, self.contract))
+
+    def batches(self, images: list[Image.Image], batch_size: int):
+        """[N,3,S,S] batches of many images: crops stacked as uint8, normalised once per batch
+        (the service's split), so the whole set never sits in RAM as float32."""
+        for start in range(0, len(images), batch_size):
+            pixels = np.stack([crop_pixels(image, self.contract)
+                               for image in images[start:start + batch_size]])
+            yield torch.from_numpy(normalize(pixels, self.contract))
 
 
 class TrainImages(Dataset):

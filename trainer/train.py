@@ -35,6 +35,7 @@ from trainer.config import TrainConfig, TrainerError, load_config, save_config
 from trainer.data import (
     DatasetSplits,
     EvalImages,
+    EvalView,
     Skipped,
     TrainImages,
     class_counts,
@@ -178,20 +179,6 @@ def train_head(model: Classifier, train_feats: torch.Tensor, train_labels: torch
             optimizer.step()
             schedule.step()
     head.eval()
-
-
-def eval_view(train_set: TrainImages, contract: ModelContract, batch_size: int):
-    """Batches of training photos through the evaluation transform (centre crop), for the
-    head phase; made batch by batch so the whole set never sits in RAM as float32."""
-    from trainer.data import _eval_pil
-
-    mean = torch.tensor(contract.mean).view(1, 3, 1, 1)
-    std = torch.tensor(contract.std).view(1, 3, 1, 1)
-    for start in range(0, len(train_set), batch_size):
-        crops = [np.asarray(_eval_pil(image, contract), dtype=np.float32)
-                 for image in train_set.images[start:start + batch_size]]
-        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) / 255.0
-        yield ((batch - mean) / std).contiguous()
 
 
 # --- fine-tuning --------------------------------------------------------------------------
@@ -338,8 +325,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         with progress_bar(console) as progress:
             if train_set.images is None:
                 raise TrainerError("the head phase needs cache_images=True (or --head-epochs 0)")
-            train_feats = extract_features(model, eval_view(train_set, contract,
-                                                            config.eval_batch_size),
+            train_feats = extract_features(model, EvalView(contract).batches(
+                                               train_set.images, config.eval_batch_size),
                                            len(train_set), device, config.channels_last,
                                            progress, "head phase: backbone features of train")
         train_head(model, train_feats, torch.tensor(train_set.labels), config, loss_weights,

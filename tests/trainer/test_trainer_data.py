@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from service.contract import ModelContract, load_and_preprocess
+from service.contract import ModelContract, load_and_preprocess, preprocess
 from trainer.config import TrainConfig
 from trainer.data import (
     DataError,
     EvalImages,
+    EvalView,
     Skipped,
     TrainImages,
     collate_skipping,
@@ -125,3 +126,16 @@ def test_train_transform_ends_in_the_contract_normalisation(tiny_folder, tmp_pat
     # service's tensor, not bit-identical (the evaluation set itself is, see above).
     assert item.shape == (3, 64, 64)
     assert float(np.abs(item.numpy() - expected).mean()) < 0.05
+
+
+def test_head_phase_view_is_the_contract_preprocessing(tiny_folder):
+    """The head phase's centre crops of cached photos are `service.contract.preprocess` of
+    them, batch by batch, bit for bit (no copy of the crop maths to drift)."""
+    splits = discover(tiny_folder)
+    contract = contract_for(splits.labels, size=96)
+    dataset = TrainImages(splits.val[:5], contract, EvalView(contract), Skipped())
+    batches = list(EvalView(contract).batches(dataset.images, batch_size=2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    expected = np.stack([preprocess(image, contract) for image in dataset.images])
+    assert np.array_equal(torch.cat(batches).numpy(), expected)
+    assert np.array_equal(dataset[0][0].numpy(), expected[0])
