@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -222,31 +222,181 @@ def train_loader(train_set: TrainImages, config: TrainConfig, epoch: int) -> Dat
                       persistent_workers=False)
 
 
-def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    console = console or Console()
-    setup_logging(console)
+@torch.no_grad()
+def update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        else:
+            e.copy_(p)
+
+
+def train_one_epoch(model: Classifier, loader: DataLoader, optimizer, schedule, config: TrainConfig,
+                    device: torch.device, loss_weights: torch.Tensor | None, steps: int,
+                    ema: Classifier | None, progress: Progress, description: str) -> dict:
+    """At most `steps` optimizer steps over loader; returns the epoch's mean loss and speed."""
+    model.train()
+    model.freeze_stages(config.frozen_stages)
+    if config.freeze_bn:
+        set_batchnorm_eval(model)
+    weights = loss_weights.to(device) if loss_weights is not None else None
+    task = progress.add_task(description, total=steps, info="")
+    seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
+        if batch is None:  # every photo of the batch failed to decode
+            continue
+        images, labels = batch[0].to(device), batch[1].to(device)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, weight=weights,
+                               label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            update_ema(ema, model, config.ema_decay)
+        seen += len(labels)
+        loss_sum += loss.item() * len(labels)
+        progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}  "
+                                              f"{seen / (time.perf_counter() - t0):.1f} img/s")
+    progress.remove_task(task)
+    return {"train_loss": round(loss_sum / max(seen, 1), 4),
+            "images_per_s": round(seen / (time.perf_counter() - t0), 1)}
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Where a run is; plain types only, so checkpoints load with torch.load(weights_only=True)."""
+    epoch: int = 0                       # fine-tuning epochs done
+    head_done: bool = False
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None             # the best row of history
+    elapsed: float = 0.0                 # wall seconds of training so far, across resumes
+
+    def epochs_since_best(self) -> int:
+        """Fine-tuning epochs after the best one (from history, so early stopping survives a
+        resume)."""
+        if self.best is None:
+            return 0
+        last_best = max(i for i, row in enumerate(self.history) if row == self.best)
+        return sum(1 for row in self.history[last_best + 1:] if row["phase"] == "finetune")
+
+
+class Checkpointer:
+    """Writes history.json, best.pt (the model to export, with its contract) and last.pt
+    (everything --resume needs) after each phase or epoch, atomically."""
+
+    def __init__(self, run: RunDir, config: TrainConfig, contract: ModelContract,
+                 console: Console, elapsed_before: float = 0.0):
+        self.run, self.config, self.contract, self.console = run, config, contract, console
+        self.started = time.perf_counter() - elapsed_before
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def restore(self, model: Classifier, optimizer, schedule,
+                ema: Classifier | None) -> TrainState:
+        """The state of the run in OUT (its last checkpoint), or a fresh one."""
+        if not (self.config.resume and self.run.last.is_file()):
+            if self.config.resume:
+                self.console.print(f"no checkpoint in {self.run.root} yet: starting from the "
+                                   "beginning")
+            return TrainState()
+        checkpoint = torch.load(self.run.last, map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        state = TrainState(**checkpoint["state"])
+        self.started = time.perf_counter() - state.elapsed
+        self.console.print(f"[bold green]resumed[/] from {self.run.last}: {state.epoch} of "
+                           f"{self.config.epochs} fine-tuning epochs done")
+        return state
+
+    def record(self, state: TrainState, row: dict, model: Classifier, eval_model: Classifier,
+               optimizer, schedule, ema: Classifier | None) -> bool:
+        """Append the row; write best.pt if it is the best so far, then last.pt."""
+        row["wall_s"] = round(self.elapsed(), 1)
+        state.history.append(row)
+        best = state.best
+        improved = best is None or (row["val_macro_f1"], row["val_acc"]) > (
+            best["val_macro_f1"], best["val_acc"])
+        common = {"contract": self.contract.model_dump(),
+                  "config": self.config.model_dump(mode="json")}
+        if improved:
+            state.best = row
+            atomic_torch_save({"model": eval_model.state_dict(), "metrics": row, **common},
+                              self.run.best)
+        state.elapsed = self.elapsed()
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "schedule": schedule.state_dict(),
+                           "ema": ema.state_dict() if ema is not None else None,
+                           "state": asdict(state), **common}, self.run.last)
+        atomic_write_json(self.run.history, state.history)
+        self.console.print(summary_line(row, improved))
+        return improved
+
+
+def summary_line(row: dict, improved: bool) -> str:
+    loss = f"train loss {row['train_loss']:.3f}  " if row.get("train_loss") is not None else ""
+    mark = "  [green]* best[/]" if improved else ""
+    label = "head" if row["phase"] == "head" else f"epoch {row['epoch']}"
+    return (f"{label:>9}: {loss}val loss {row['val_loss']:.3f}  acc {row['val_acc']:.4f}  "
+            f"macro-F1 {row['val_macro_f1']:.4f}  {row['images_per_s']:.1f} img/s  "
+            f"{row['wall_s']:.0f}s{mark}")
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def open_run(config: TrainConfig) -> tuple[TrainConfig, RunDir]:
+    """The config to train with (a resumed run's own) and its run folder, config saved."""
     run = RunDir(config.out)
     if config.resume:
-        saved = load_config(run.root)
-        config = saved.model_copy(update={"resume": True})
+        config = load_config(run.root).model_copy(update={"resume": True})
     elif run.last.exists():
         raise TrainerError(f"{run.root} already holds a run; pass --resume to continue it, "
-                              "or choose another --out")
+                           "or choose another --out")
     # An absolute data path: `--resume` from another directory still finds the photos.
     config = config.model_copy(update={"data": Path(config.data).resolve()})
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(config, run.root)
-    console.rule(f"trainer: {run.root}")
-    console.print_json(config.model_dump_json())
+    return config, run
 
-    # --- setup ---
-    seed_everything(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
-    started = time.perf_counter()
 
-    # --- data ---
+def write_dataset_info(run: RunDir, data: Path, splits: DatasetSplits, train_set: TrainImages,
+                       val_set: EvalImages, skipped: Skipped) -> None:
+    labels = splits.labels
+    used = {"train": dict(zip(labels, class_counts(train_set.labels, len(labels)).tolist())),
+            "val": dict(zip(labels, class_counts(val_set.labels.tolist(), len(labels)).tolist()))}
+    atomic_write_json(run.dataset, {
+        "data": str(data),
+        "labels": labels, "val_source": splits.val_source, "found": splits.counts(),
+        "used": used, "skipped": [{"path": p, "reason": r} for p, r in skipped.files],
+        # the exact files used, so evaluate/export judge the model on what it was selected on
+        "val_samples": [[str(s.path), s.label] for s in val_set.samples],
+        "train_samples": [[str(s.path), s.label] for s in train_set.samples],
+    })
+
+
+@dataclass
+class TrainData:
+    labels: list[str]
+    contract: ModelContract
+    train_set: TrainImages
+    val_set: EvalImages
+    loss_weights: torch.Tensor | None
+
+
+def load_data(config: TrainConfig, run: RunDir, console: Console) -> TrainData:
+    """Discover the splits, decode train into RAM and validation through the contract."""
     splits = discover(config.data, val_fraction=config.val_fraction, seed=config.seed,
                       min_images_per_class=config.min_images_per_class,
                       max_train_images=config.max_train_images,
@@ -267,174 +417,81 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     if loss_weights is not None:
         console.print("class-weighted loss (1/sqrt(frequency)): imbalance "
                       f"{imbalance_ratio(class_counts(train_set.labels, num_classes)):.1f}x")
+    return TrainData(splits.labels, contract, train_set, val_set, loss_weights)
 
-    # --- model ---
-    model = build_model(config.arch, num_classes, config.weights).to(device)
+
+def head_phase(model: Classifier, data: TrainData, config: TrainConfig, device: torch.device,
+               console: Console) -> dict:
+    """Train the head on backbone features of the training photos computed once; the row
+    for history."""
+    if data.train_set.images is None:
+        raise TrainerError("the head phase needs cache_images=True (or --head-epochs 0)")
+    t0 = time.perf_counter()
+    with progress_bar(console) as progress:
+        batches = EvalView(data.contract).batches(data.train_set.images, config.eval_batch_size)
+        feats = extract_features(model, batches, len(data.train_set), device,
+                                 config.channels_last, progress,
+                                 "head phase: backbone features of train")
+    train_head(model, feats, torch.tensor(data.train_set.labels), config, data.loss_weights,
+               device)
+    return {"epoch": 0, "phase": "head", "train_loss": None,
+            "images_per_s": round(len(data.train_set) / (time.perf_counter() - t0), 1),
+            **scores(predict(model, data.val_set.tensor, config.eval_batch_size, device,
+                             config.channels_last), data.val_set.labels)}
+
+
+def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+    console = console or Console()
+    setup_logging(console)
+    config, run = open_run(config)
+    console.rule(f"trainer: {run.root}")
+    console.print_json(config.model_dump_json())
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    data = load_data(config, run, console)
+
+    model = build_model(config.arch, len(data.labels), config.weights).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = len(train_loader(train_set, config, 0))
+    steps_per_epoch = len(train_loader(data.train_set, config, 0))
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     schedule = make_schedule(optimizer, config, steps_per_epoch)
     ema = copy.deepcopy(model).eval() if config.ema_decay else None
+    checkpointer = Checkpointer(run, config, data.contract, console)
+    state = checkpointer.restore(model, optimizer, schedule, ema)
 
-    state = {"epoch": 0, "head_done": False, "history": [], "best": None, "elapsed": 0.0}
-    if config.resume and run.last.is_file():
-        checkpoint = torch.load(run.last, map_location="cpu", weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        state = checkpoint["state"]
-        console.print(f"[bold green]resumed[/] from {run.last}: {state['epoch']} of "
-                      f"{config.epochs} fine-tuning epochs done")
-    elif config.resume:
-        console.print(f"no checkpoint in {run.root} yet: starting from the beginning")
-    wall_offset = state["elapsed"] - (time.perf_counter() - started)
-
-    def elapsed() -> float:
-        return time.perf_counter() - started + wall_offset
-
-    def record(row: dict, eval_model: Classifier) -> bool:
-        """Append the epoch's row; write best (if better) and last checkpoints."""
-        row["wall_s"] = round(elapsed(), 1)
-        state["history"].append(row)
-        best = state["best"]
-        improved = best is None or (row["val_macro_f1"], row["val_acc"]) > (
-            best["val_macro_f1"], best["val_acc"])
-        if improved:
-            state["best"] = row
-            atomic_torch_save({"model": eval_model.state_dict(), "contract": contract.model_dump(),
-                               "metrics": row, "config": config.model_dump(mode="json")},
-                              run.best)
-        state["elapsed"] = elapsed()
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "schedule": schedule.state_dict(),
-                           "ema": ema.state_dict() if ema is not None else None,
-                           "state": state, "contract": contract.model_dump(),
-                           "config": config.model_dump(mode="json")}, run.last)
-        atomic_write_json(run.history, state["history"])
-        console.print(summary_line(row, improved))
-        return improved
-
-    # --- head phase ---
-    if config.head_epochs and not state["head_done"]:
-        t0 = time.perf_counter()
-        with progress_bar(console) as progress:
-            if train_set.images is None:
-                raise TrainerError("the head phase needs cache_images=True (or --head-epochs 0)")
-            train_feats = extract_features(model, EvalView(contract).batches(
-                                               train_set.images, config.eval_batch_size),
-                                           len(train_set), device, config.channels_last,
-                                           progress, "head phase: backbone features of train")
-        train_head(model, train_feats, torch.tensor(train_set.labels), config, loss_weights,
-                   device)
+    if config.head_epochs and not state.head_done:
+        row = head_phase(model, data, config, device, console)
         if ema is not None:
             ema.load_state_dict(model.state_dict())
-        row = {"epoch": 0, "phase": "head", "train_loss": None,
-               "images_per_s": round(len(train_set) / (time.perf_counter() - t0), 1),
-               **scores(predict(model, val_set.tensor, config.eval_batch_size, device,
-                                config.channels_last), val_set.labels)}
-        state["head_done"] = True
-        record(row, model)
+        state.head_done = True
+        checkpointer.record(state, row, model, model, optimizer, schedule, ema)
 
-    # --- fine-tuning ---
-    since_best = epochs_since_best(state)
-    for epoch in range(state["epoch"], config.epochs):
-        if since_best >= config.patience:
+    for epoch in range(state.epoch, config.epochs):
+        if state.epochs_since_best() >= config.patience:
             console.print(f"early stop: no better validation macro-F1 for {config.patience} "
                           "epochs")
             break
         torch.manual_seed(config.seed * 1000 + epoch)  # augmentation draws: resumable
-        model.train()
-        model.freeze_stages(config.frozen_stages)
-        if config.freeze_bn:
-            set_batchnorm_eval(model)
-        loader = train_loader(train_set, config, epoch)
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         with progress_bar(console) as progress:
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch,
-                                     info="")
-            for step, batch in enumerate(loader):
-                if step >= steps_per_epoch:
-                    break
-                if batch is None:
-                    continue
-                images, labels = batch[0].to(device), batch[1].to(device)
-                if config.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing,
-                                       weight=loss_weights.to(device) if loss_weights is not None
-                                       else None)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                if ema is not None:
-                    update_ema(ema, model, config.ema_decay)
-                seen += len(labels)
-                loss_sum += loss.item() * len(labels)
-                rate = seen / (time.perf_counter() - t0)
-                progress.update(task, advance=1,
-                                info=f"loss {loss_sum / seen:.3f}  {rate:.1f} img/s")
+            metrics = train_one_epoch(model, train_loader(data.train_set, config, epoch),
+                                      optimizer, schedule, config, device, data.loss_weights,
+                                      steps_per_epoch, ema, progress,
+                                      f"epoch {epoch + 1}/{config.epochs}")
         eval_model = ema if ema is not None else model
-        row = {"epoch": epoch + 1, "phase": "finetune", "train_loss": round(loss_sum / max(seen, 1), 4),
-               "images_per_s": round(seen / (time.perf_counter() - t0), 1),
+        row = {"epoch": epoch + 1, "phase": "finetune", **metrics,
                "lr_head": schedule.get_last_lr()[1],
-               **scores(predict(eval_model, val_set.tensor, config.eval_batch_size, device,
-                                config.channels_last), val_set.labels)}
-        state["epoch"] = epoch + 1
-        since_best = 0 if record(row, eval_model) else since_best + 1
+               **scores(predict(eval_model, data.val_set.tensor, config.eval_batch_size, device,
+                                config.channels_last), data.val_set.labels)}
+        state.epoch = epoch + 1
+        checkpointer.record(state, row, model, eval_model, optimizer, schedule, ema)
 
-    wall = elapsed()
-    best = state["best"]
-    console.rule(f"done in {wall / 60:.1f} min: best epoch {best['epoch']} ({best['phase']}) "
-                 f"val acc {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f}")
-    return TrainResult(run.root, best, state["history"], wall)
-
-
-def epochs_since_best(state: dict) -> int:
-    """Fine-tuning epochs after the best one (from history, so early stopping survives a
-    resume)."""
-    rows, best = state["history"], state["best"]
-    if best is None:
-        return 0
-    last_best = max(i for i, row in enumerate(rows) if row == best)
-    return sum(1 for row in rows[last_best + 1:] if row["phase"] == "finetune")
-
-
-@torch.no_grad()
-def update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        else:
-            e.copy_(p)
-
-
-def summary_line(row: dict, improved: bool) -> str:
-    loss = f"train loss {row['train_loss']:.3f}  " if row.get("train_loss") is not None else ""
-    mark = "  [green]* best[/]" if improved else ""
-    label = "head" if row["phase"] == "head" else f"epoch {row['epoch']}"
-    return (f"{label:>9}: {loss}val loss {row['val_loss']:.3f}  acc {row['val_acc']:.4f}  "
-            f"macro-F1 {row['val_macro_f1']:.4f}  {row['images_per_s']:.1f} img/s  "
-            f"{row['wall_s']:.0f}s{mark}")
-
-
-def write_dataset_info(run: RunDir, data: Path, splits: DatasetSplits, train_set: TrainImages,
-                       val_set: EvalImages, skipped: Skipped) -> None:
-    labels = splits.labels
-    used = {"train": dict(zip(labels, class_counts(train_set.labels, len(labels)).tolist())),
-            "val": dict(zip(labels, class_counts(val_set.labels.tolist(), len(labels)).tolist()))}
-    atomic_write_json(run.dataset, {
-        "data": str(data),
-        "labels": labels, "val_source": splits.val_source, "found": splits.counts(),
-        "used": used, "skipped": [{"path": p, "reason": r} for p, r in skipped.files],
-        # the exact files used, so evaluate/export judge the model on what it was selected on
-        "val_samples": [[str(s.path), s.label] for s in val_set.samples],
-        "train_samples": [[str(s.path), s.label] for s in train_set.samples],
-    })
+    best = state.best
+    console.rule(f"done in {checkpointer.elapsed() / 60:.1f} min: best epoch {best['epoch']} "
+                 f"({best['phase']}) val acc {best['val_acc']:.4f}, macro-F1 "
+                 f"{best['val_macro_f1']:.4f}")
+    return TrainResult(run.root, best, state.history, checkpointer.elapsed())
