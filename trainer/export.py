@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
+from service.runtime import create_session
 from trainer.config import TrainerError
 from trainer.data import EvalImages, Sample, Skipped
 from trainer.runs import RunDir, atomic_write_json, load_trained
@@ -82,10 +83,8 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
 
 
 def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """A CPU session through the project's one factory, as the service opens the file."""
+    return create_session(path, threads=threads, device="cpu")
 
 
 def onnx_logits(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
