@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,27 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, lambda handle: handle.write(data))
 
 
+class UnsafeCheckpointError(TrainerError):
+    """A checkpoint holds more than tensors and plain values: loading it could run code."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts only.
+
+    Checkpoints are written with plain types only (state dicts, model_dump() of the contract
+    and config, history rows), so nothing needs allow-listing; a pickle that would construct
+    any other object (the way a tampered file runs code) is refused before anything runs.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values, "
+            "which a checkpoint written by `trainer train` never does (loading it could run "
+            f"code). Retrain, or restore the file from a trusted copy. Detail: "
+            f"{str(exc).splitlines()[-1] if str(exc) else type(exc).__name__}") from None
+
+
 def load_trained(run_dir: Path, which: str = "best"):
     """(model in eval mode, contract, checkpoint dict) from a run folder."""
     from trainer.models import build_model
@@ -86,7 +108,7 @@ def load_trained(run_dir: Path, which: str = "best"):
     if not path.is_file():
         raise TrainerError(f"{path} does not exist: train first with "
                                 f"`trainer train --data DIR --out {run_dir}`")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path)
     contract = ModelContract.model_validate(checkpoint["contract"])
     model = build_model(contract.architecture, len(contract.labels), weights="none")
     model.load_state_dict(checkpoint["model"])

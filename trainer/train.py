@@ -45,7 +45,7 @@ from trainer.data import (
     train_transform,
 )
 from trainer.models import BACKBONES, Classifier, build_model, set_batchnorm_eval
-from trainer.runs import RunDir, atomic_torch_save, atomic_write_json
+from trainer.runs import RunDir, atomic_torch_save, atomic_write_json, load_checkpoint
 
 log = logging.getLogger("trainer")
 
@@ -309,7 +309,7 @@ class Checkpointer:
                 self.console.print(f"no checkpoint in {self.run.root} yet: starting from the "
                                    "beginning")
             return TrainState()
-        checkpoint = torch.load(self.run.last, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(self.run.last)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from trainer.config import TrainConfig, TrainerError
 from trainer.data import EvalImages, Skipped, discover
 from trainer.models import build_model
-from trainer.runs import RunDir, load_trained
+from trainer.runs import RunDir, load_checkpoint, load_trained
 from trainer.train import make_contract
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_run_folder_holds_everything(tiny_run):
     history = json.loads(run.history.read_text())
     assert [row["phase"] for row in history] == ["head", "finetune", "finetune"]
     assert all(0 <= row["val_acc"] <= 1 and row["val_loss"] > 0 for row in history)
-    best = torch.load(run.best, weights_only=False)
+    best = load_checkpoint(run.best)
     assert best["metrics"]["val_macro_f1"] == max(r["val_macro_f1"] for r in history)
     assert not list(tiny_run.rglob("*.tmp"))  # atomic writes leave no temporaries
 
@@ -85,7 +85,7 @@ def test_resume_continues_after_kill_9(tiny_folder, tiny_train, tmp_path):
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    done_before_kill = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["state"]
+    done_before_kill = load_checkpoint(out / "checkpoints" / "last.pt")["state"]
     assert 1 <= done_before_kill["epoch"] < 3
 
     resumed = subprocess.run([sys.executable, "-m", "trainer", "train", "--out", str(out),
