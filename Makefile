@@ -40,7 +40,7 @@ chromium:  ## Debian's chromium for the review page's browser tests (apt-get whe
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 bench-review: $(STAMP)  ## review page: 20,000-image paging, thumbnails; finding flipped labels
-	$(PY) -m collector.review.bench $(BENCH_REVIEW_ARGS)
+	$(PY) -m benchmarks.bench_review $(BENCH_REVIEW_ARGS)
 
 # --- collector (collector/) -----------------------------------------------------------------
 # img2dataset pins its own deps: it lives in .venv-bench, never in .venv.
@@ -49,11 +49,11 @@ bench-review: $(STAMP)  ## review page: 20,000-image paging, thumbnails; finding
 	.venv-bench/bin/pip install -q img2dataset
 
 bench-collect: $(STAMP) .venv-bench/bin/img2dataset  ## collector vs img2dataset, same URLs on 127.0.0.1, images/s
-	$(PY) -m collector.bench $(BENCH_COLLECT_ARGS)
+	$(PY) -m benchmarks.bench_collect $(BENCH_COLLECT_ARGS)
 
 # --- trainer (trainer/) ---------------------------------------------------------------------
 bench-train: $(STAMP)  ## trainer: default recipe vs plain linear probe, clothing-small, 224 px, CPU
-	$(PY) -m trainer.bench $(BENCH_TRAIN_ARGS)
+	$(PY) -m benchmarks.bench_train $(BENCH_TRAIN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check collector trainer service loadtests tests
@@ -75,15 +75,15 @@ loadtest: $(STAMP)  ## Locust headless against a running service (HOST, USERS, R
 	  -r $(SPAWN_RATE) -t $(RUN_TIME) --csv reports/loadtest --html reports/loadtest.html
 
 bench-serve: $(STAMP)  ## ceiling vs service (batching on/off, fp32/int8) vs baseline, one run
-	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_serve --run $(BENCH_RUN) $(BENCH_ARGS)
 
 soak: $(STAMP)  ## steady load for SOAK_TIME s on a fresh service: memory and latency drift
-	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) --prepare-only
-	$(PY) -m loadtests.soak --model $(BENCH_RUN)/export/model.onnx --duration-s $(SOAK_TIME) $(SOAK_ARGS)
+	$(PY) -m benchmarks.bench_serve --run $(BENCH_RUN) --prepare-only
+	$(PY) -m benchmarks.soak --model $(BENCH_RUN)/export/model.onnx --duration-s $(SOAK_TIME) $(SOAK_ARGS)
 
 # --- service (service/) ----------------------------------------------------------------------
 bench-service: $(STAMP)  ## service topology: API + batched model service vs one service, ratios
-	$(PY) -m loadtests.bench_serve --run $(BENCH_RUN) --prepare-only
-	$(PY) -m service.bench_topology --model $(BENCH_RUN)/export/model.onnx $(BENCH_SERVICE_ARGS)
+	$(PY) -m benchmarks.bench_serve --run $(BENCH_RUN) --prepare-only
+	$(PY) -m benchmarks.bench_service --model $(BENCH_RUN)/export/model.onnx $(BENCH_SERVICE_ARGS)
 container-check: $(STAMP)  ## service image: bentoml containerize (buildah) + podman run, /readyz + /classify
-	$(PY) -m service.container_check $(CONTAINER_CHECK_ARGS)
+	$(PY) -m benchmarks.container_check $(CONTAINER_CHECK_ARGS)

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from service.local_server import ServerNotReady, exit_reason, free_port, wait_until_ready
+from loadtests.servers import ServerNotReady, ServerProcess, free_port, launch, start_bentoml
 
 REPO = Path(__file__).resolve().parent
 CATALOG = REPO / "demo_data" / "catalog"
@@ -35,43 +34,13 @@ class StepFailed(RuntimeError):
     pass
 
 
-class Servers(contextlib.AbstractContextManager):
-    """Background servers in their own process groups, all stopped on exit, whatever happens."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def stop(self, proc: subprocess.Popen, timeout: float = 10) -> None:
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def __exit__(self, *exc) -> None:
-        for _, proc in reversed(self.procs):
-            self.stop(proc)
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> float:
-    """Poll `url` until it answers 200; returns seconds waited. Fails if the server dies."""
+def start_server(name: str, argv: list[str], port: int, logs: Path, *, ready_path: str,
+                 timeout_s: float) -> ServerProcess:
     try:
-        return wait_until_ready(url, timeout_s=timeout, exited=exit_reason(proc), interval_s=0.2)
+        return launch(name, argv, port=port, log_dir=logs, ready_path=ready_path,
+                      timeout_s=timeout_s, interval_s=0.2)
     except ServerNotReady as exc:
-        raise StepFailed(f"{exc}; see {log}") from None
+        raise StepFailed(str(exc)) from None
 
 
 def run_step(title: str, argv: list[str], log_dir: Path, env: dict | None = None) -> str:
@@ -143,7 +112,6 @@ def run_demo(out: Path, small: bool = False) -> int:
     from loadtests.locust_run import run_locust
 
     python = sys.executable
-    bin_dir = Path(python).parent
     if out.exists():
         if not (out / ".demo").is_file():
             raise StepFailed(f"{out} exists and was not made by the demo; choose another --out")
@@ -155,22 +123,23 @@ def run_demo(out: Path, small: bool = False) -> int:
     run_dir, reports = out / "runs" / "demo", out / "reports"
     started = time.perf_counter()
 
-    with Servers(logs) as servers:
+    with contextlib.ExitStack() as servers:  # every server stopped on success, error, Ctrl-C
         console.rule("[bold]1. demo shop (faults on) on 127.0.0.1")
         shop_port = free_port()
         shop_args = ["--catalog", CATALOG, "--port", shop_port, "--faults", "all",
                      "--write-sources", sources, "--output-dir", collected]
         if small:
             shop_args += ["--per-label", 16]
-        shop = servers.start("shop", [python, "-m", "collector.demo_shop", *map(str, shop_args)])
-        wait_http(f"http://127.0.0.1:{shop_port}/robots.txt", shop, logs / "shop.log", 60)
-        console.print((logs / "shop.log").read_text().strip())
+        shop = servers.enter_context(start_server(
+            "shop", [python, "-m", "collector.demo_shop", *map(str, shop_args)], shop_port,
+            logs, ready_path="/robots.txt", timeout_s=60))
+        console.print(shop.log_path.read_text().strip())
 
         run_step("2. crawl", [python, "-m", "collector", "crawl", sources], logs)
         run_step("3. export split dataset",
                  [python, "-m", "collector", "export", "--data", collected, "--out", dataset,
                   "--val", 0.15, "--test", 0.15], logs)
-        servers.stop(shop)
+        shop.stop()
 
         train_args = (["--epochs", 1, "--head-epochs", 3, "--image-size", 128,
                        "--max-steps-per-epoch", 3] if small else [])  # the default recipe
@@ -182,12 +151,13 @@ def run_demo(out: Path, small: bool = False) -> int:
                     if word.startswith("product-classifier:")), "product-classifier:latest")
 
         console.rule("[bold]6. bentoml serve")
-        port = free_port()
-        serve = servers.start("serve", [str(bin_dir / "bentoml"), "serve", "--host", "127.0.0.1",
-                                        "--port", str(port)], env={"MODEL_TAG": tag})
-        url = f"http://127.0.0.1:{port}"
-        cold_start = wait_http(f"{url}/readyz", serve, logs / "serve.log", 180)
-        console.print(f"{url} ready in {cold_start:.1f} s, serving {tag}")
+        try:
+            serve = servers.enter_context(start_bentoml(tag, log_dir=logs, name="serve",
+                                                        timeout_s=180))
+        except ServerNotReady as exc:
+            raise StepFailed(str(exc)) from None
+        url = serve.url
+        console.print(f"{url} ready in {serve.cold_start_s:.1f} s, serving {tag}")
 
         console.rule("[bold]7. classify held-out photos")
         console.print(classify_held_out(url, held_out_photos(dataset, 4 if small else 10)))

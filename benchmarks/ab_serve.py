@@ -8,8 +8,8 @@ are interleaved round by round (A B C A B C ...), so drift in the machine hits a
 Besides req/s it reports CPU milliseconds per request by BentoML process (API, model), which
 shows where a change saved its time.
 
-    python -m loadtests.ab_serve --variants 'before@bb06f86,after' --rounds 3
-    python -m loadtests.ab_serve --variants 'spin:CLASSIFIER_ORT_SPIN_WAIT=true,default' \\
+    python -m benchmarks.ab_serve --variants 'before@bb06f86,after' --rounds 3
+    python -m benchmarks.ab_serve --variants 'spin:CLASSIFIER_ORT_SPIN_WAIT=true,default' \\
         --cpu-split shared
 """
 
@@ -29,10 +29,9 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
 
-from loadtests.bench_serve import single_photo_scenario
+from benchmarks.bench_serve import single_photo_scenario
 from loadtests.locust_run import run_locust
-from loadtests.servers import REPO, process_role, start_bentoml
-from service.local_server import free_port
+from loadtests.servers import REPO, free_port, process_role, start_bentoml
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -40,7 +39,7 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 class AbServeConfig(BaseSettings):
     """Serve each variant in turn under the same closed-loop load; print medians per variant."""
 
-    model_config = SettingsConfigDict(cli_prog_name="python -m loadtests.ab_serve",
+    model_config = SettingsConfigDict(cli_prog_name="python -m benchmarks.ab_serve",
                                       cli_kebab_case=True, cli_implicit_flags=True)
 
     variants: list[str] = Field(description=(

@@ -7,7 +7,7 @@ and /classify_batch shapes, so the same Locust scenario drives both. It uses the
 benchmark then compares serving (ONNX Runtime + adaptive batching vs eager per request), not
 two preprocessings.
 
-    BASELINE_RUN_DIR=runs/demo uvicorn loadtests.baseline_app:app --port 8000
+    BASELINE_RUN_DIR=runs/demo uvicorn benchmarks.baseline_app:app --port 8000
 
 Env: BASELINE_RUN_DIR (required), BASELINE_THREADS (torch intra-op threads, default 1),
 BASELINE_TOP_K (default 3).
@@ -25,6 +25,7 @@ import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
 from service.contract import ImageDecodeError, load_and_preprocess
+from service.schemas import ErrorBody, ModelRef, Prediction
 
 STATE: dict = {}
 
@@ -50,20 +51,17 @@ def _predict(batch: np.ndarray) -> list[dict]:
     contract, top_k = STATE["contract"], STATE["top_k"]
     with torch.inference_mode():
         probabilities = torch.softmax(STATE["model"](torch.from_numpy(batch)), dim=1).numpy()
-    answers = []
-    for row in probabilities:
-        best = np.argsort(-row)[:top_k]
-        ranked = [{"label": contract.labels[i], "score": float(row[i])} for i in best]
-        answers.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked,
-                        "model": {"name": contract.name, "version": contract.version}})
-    return answers
+    model = ModelRef(name=contract.name, version=contract.version)
+    return [Prediction.from_scores(row, contract.labels, top_k=top_k, model=model).model_dump()
+            for row in probabilities]
 
 
 def _tensor(data: bytes) -> np.ndarray:
     try:
         return load_and_preprocess(data, STATE["contract"])
     except ImageDecodeError as exc:
-        raise HTTPException(status_code=400, detail={"error": exc.detail, "reason": exc.reason})
+        raise HTTPException(status_code=400,
+                            detail=ErrorBody(error=exc.detail, reason=exc.reason).model_dump())
 
 
 @app.post("/classify")

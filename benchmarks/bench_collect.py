@@ -92,7 +92,7 @@ def run_img2dataset(binary: Path, url_file: Path, out: Path) -> tuple[int, float
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m collector.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_collect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", type=Path,
                         default=SHARED_TRAIN if SHARED_TRAIN.is_dir() else

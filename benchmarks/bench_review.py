@@ -15,15 +15,10 @@ on the images it was fit on (in-sample), vs chance.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import random
 import shutil
-import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +29,7 @@ from rich.table import Table
 
 from collector.manifest import MANIFEST_FILE, Manifest
 from collector.review.store import ImageQuery, ReviewStore, build_page_query
-from service.local_server import free_port
+from loadtests.servers import start_review
 
 REPO = Path(__file__).resolve().parents[2]
 console = Console()
@@ -190,22 +185,12 @@ def bench_ranking(args) -> None:
 def bench_paging(args) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-review-"))
-    proc = None
+    server = None
     try:
         with console.status(f"building a {args.images}-image manifest"):
             manifest = build(work / "collected", args.images, args.catalog)
-        port = free_port()
-        log = open(work / "app.log", "wb")  # noqa: SIM115 - closed in finally
-        proc = subprocess.Popen([sys.executable, "-m", "collector.review", "--manifest",
-                                 str(manifest), "--port", str(port), "--no-browser"],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        client = httpx.Client(base_url=url, timeout=60)
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get("/api/summary").status_code == 200:
-                    break
-            time.sleep(0.1)
+        server = start_review(manifest, log_dir=work)
+        client = httpx.Client(base_url=server.url, timeout=60)
         deep_id = args.images - 1200  # page ~313 of 60 cards
 
         def get(**params):
@@ -250,9 +235,8 @@ def bench_paging(args) -> None:
                       f"deep / first page over HTTP = {rows[1][1] / rows[0][1]:.2f}x; "
                       f"thumbnail cold / cached = {thumbs[0][1] / thumbs[1][1]:.1f}x")
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
+        if server is not None:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -12,20 +12,19 @@ one is missed. The server and the load generator are pinned to separate cores (t
 they do not steal from each other; the ceiling runs on the server's core(s) with as many
 threads as the service.
 
-    python -m loadtests.bench_serve --run runs/demo
-    python -m loadtests.bench_serve --help
+    python -m benchmarks.bench_serve --run runs/demo
+    python -m benchmarks.bench_serve --help
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -34,12 +33,20 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from rich.console import Console
 
-from loadtests import ceiling, profile
-from loadtests.locust_run import LoadResult, run_locust
+from benchmarks import ceiling, profile
+from benchmarks.results import BenchResult, Step
+from loadtests.locust_run import run_locust
 from loadtests.payloads import DEFAULT_CATALOG, load_payloads
 from loadtests.prom import mean_batch_size, scrape
-from loadtests.servers import REPO, ServerProcess, ServerStartError, start_baseline, start_bentoml
-from service.local_server import free_port
+from loadtests.servers import (
+    BIN,
+    REPO,
+    ServerNotReady,
+    ServerProcess,
+    free_port,
+    launch,
+    start_bentoml,
+)
 from service.model_store import read_contract
 
 # Piped output (make, CI logs) would wrap the table at 80 columns.
@@ -52,7 +59,7 @@ BATCHING_OFF = {"CLASSIFIER_BATCHING": "false"}
 class BenchServeConfig(BaseSettings):
     """Measure the service against its ceiling and the plain baseline, in one run."""
 
-    model_config = SettingsConfigDict(cli_prog_name="python -m loadtests.bench_serve",
+    model_config = SettingsConfigDict(cli_prog_name="python -m benchmarks.bench_serve",
                                       cli_kebab_case=True, cli_implicit_flags=True,
                                       env_prefix="BENCH_")
 
@@ -101,36 +108,20 @@ class BenchServeConfig(BaseSettings):
             return
         results = {split: run_bench(self, split) for split in self.cpu_splits}
         if len(results) > 1:
-            from loadtests.report import render_splits
+            from benchmarks.report import render_splits
 
-            render_splits(results, self, console)
-
-
-@dataclass
-class Step:
-    variant: str
-    users: int
-    load: LoadResult
-    mean_batch: float = math.nan
-    batches: int = 0
-    server_cpu_pct: float = math.nan
-    req_per_cpu_s: float = math.nan   # requests per CPU-second of all server processes
-    rss_mb: float = math.nan
+            render_splits(results, self.out, max(self.users), console)
 
 
-@dataclass
-class BenchResult:
-    started: str
-    machine: str
-    cpu_split: str
-    threads: int
-    decode_ms: dict[str, float]
-    ceiling: dict[str, list[dict]]
-    cold_start_s: dict[str, float]
-    cold_start_cpu_s: dict[str, float] = field(default_factory=dict)
-    steps: list[Step] = field(default_factory=list)
-    not_measured: dict[str, str] = field(default_factory=dict)   # variant -> why
-    profile: dict[str, float] = field(default_factory=dict)      # stage -> % of CPU samples
+def start_baseline(run_dir: Path, port: int, *, cpus: str | None = None, threads: int = 1,
+                   log_dir: Path = REPO / "reports", name: str = "baseline",
+                   timeout_s: float = 120.0) -> ServerProcess:
+    """The plain FastAPI/uvicorn + PyTorch-eager app (benchmarks/baseline_app.py)."""
+    env = {"BASELINE_RUN_DIR": str(run_dir), "BASELINE_THREADS": str(threads)}
+    command = [str(BIN / "python"), "-m", "uvicorn", "benchmarks.baseline_app:app",
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return launch(name, command, port=port, log_dir=log_dir, env=env, cpus=cpus,
+                  timeout_s=timeout_s)
 
 
 def _cpu_count(cpus: str) -> int:
@@ -302,7 +293,7 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
                 model = int8 if variant == "int8" else fp32
                 server = start_bentoml(str(model), port, cpus=server_cpus, settings=settings,
                                        log_dir=config.out, name=variant)
-        except ServerStartError as exc:
+        except ServerNotReady as exc:
             result.not_measured[variant] = f"server did not start: {str(exc)[:300]}"
             console.print(f"[red]{variant}: {exc}[/]")
             continue
@@ -314,16 +305,10 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
             measure_server(server, variant, config, loadgen_cpus, result)
             if variant == "service" and config.profile:
                 result.profile = profile_server(server, config, loadgen_cpus)
-    from loadtests.report import render  # rich table + ratios + verdicts + markdown
+    from benchmarks.report import render  # rich table + ratios + verdicts + markdown
 
-    render(result, config, console)
+    render(result, config.out, max(config.users), console)
     return result
-
-
-def save(result: BenchResult, out: Path) -> Path:
-    path = out / "bench_serve.json"
-    path.write_text(json.dumps(asdict(result), indent=2, default=str))
-    return path
 
 
 def main() -> None:

@@ -4,24 +4,19 @@ Serves the same ONNX model three ways, one after the other, each `rounds` times 
 order, and drives each with the same real photos from the same client:
   split          service.service:ProductClassifier (API decodes; OnnxModel batches), the design
   split-nobatch  the same with CLASSIFIER_BATCHING=false (one request per ONNX Runtime run)
-  one-service    service.one_service:OneService (decode + ONNX Runtime inside one batched API)
+  one-service    benchmarks.one_service:OneService (decode + ONNX Runtime inside one batched API)
 Reports, per variant, the median over rounds of: a lone client's p50/p95 latency, and with
 `users` concurrent clients the throughput and p50/p95. Ratios are against `split`.
 Then, burst recovery: a lone client's p50 before and after a `users`-client burst, with the
 fixed batching window (service/batching.py) and with BentoML's learnt one.
 
-    make bench-service    (or: python -m service.bench_topology --help)
+    make bench-service    (or: python -m benchmarks.bench_service --help)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -33,6 +28,9 @@ from pydantic_settings import BaseSettings, CliApp
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.results import percentile
+from loadtests.servers import start_bentoml
+
 REPO = Path(__file__).resolve().parents[1]
 console = Console(width=140)
 
@@ -40,7 +38,7 @@ VARIANTS = {
     "split": ("service.service:ProductClassifier", "image", {}),
     "split-nobatch": ("service.service:ProductClassifier", "image",
                       {"CLASSIFIER_BATCHING": "false"}),
-    "one-service": ("service.one_service:OneService", "images", {}),
+    "one-service": ("benchmarks.one_service:OneService", "images", {}),
 }
 
 
@@ -105,48 +103,6 @@ class Figures(BaseModel):
     loaded_p95_ms: float
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(target: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
-         "--port", str(port)], cwd=REPO, env={**os.environ, **env},
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{target} exited; see {log}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    _stop(process)
-    raise SystemExit(f"{target} not ready in 180 s; see {log}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _measure(url: str, field: str, photos: list[bytes], config: TopologyBench) -> Figures:
     with httpx.Client(base_url=url, timeout=60,
                       limits=httpx.Limits(max_connections=config.users)) as client:
@@ -169,10 +125,10 @@ def _measure(url: str, field: str, photos: list[bytes], config: TopologyBench) -
         loaded = [t for t in answers if t is not None]
     return Figures(loaded_shed=len(answers) - len(loaded),
                    lone_p50_ms=statistics.median(lone) * 1e3,
-                   lone_p95_ms=_percentile(lone, 0.95) * 1e3,
+                   lone_p95_ms=percentile(lone, 0.95) * 1e3,
                    loaded_images_per_s=len(loaded) / elapsed,
                    loaded_p50_ms=statistics.median(loaded) * 1e3,
-                   loaded_p95_ms=_percentile(loaded, 0.95) * 1e3)
+                   loaded_p95_ms=percentile(loaded, 0.95) * 1e3)
 
 
 def run(config: TopologyBench) -> dict[str, Figures]:
@@ -187,13 +143,11 @@ def run(config: TopologyBench) -> dict[str, Figures]:
         order = list(VARIANTS) if round_index % 2 == 0 else list(reversed(VARIANTS))
         for name in order:
             target, field, extra = VARIANTS[name]
-            log = config.out.parent / f"serve-{name}.log"
             console.print(f"round {round_index + 1}/{config.rounds}: {name}")
-            process, url = _serve(target, {**env, **extra}, log)
-            try:
-                samples[name].append(_measure(url, field, photos, config))
-            finally:
-                _stop(process)
+            with start_bentoml(str(config.model), target=target, settings={**env, **extra},
+                               log_dir=config.out.parent, name=f"serve-{name}",
+                               timeout_s=180) as server:
+                samples[name].append(_measure(server.url, field, photos, config))
     medians = {name: Figures(**{key: statistics.median(getattr(s, key) for s in runs)
                                 for key in Figures.model_fields})
                for name, runs in samples.items()}
@@ -216,10 +170,9 @@ def burst_recovery(config: TopologyBench) -> dict[str, dict[str, float]]:
     for name, extra in (("fixed window (served)", {}),
                         ("BentoML learnt window", {"CLASSIFIER_LEARNT_BATCH_WINDOW": "true"})):
         console.print(f"burst recovery: {name}")
-        process, url = _serve("service.service:ProductClassifier", {**env, **extra},
-                              config.out.parent / "serve-burst.log")
-        try:
-            with httpx.Client(base_url=url, timeout=60,
+        with start_bentoml(str(config.model), settings={**env, **extra},
+                           log_dir=config.out.parent, name="serve-burst", timeout_s=180) as server, \
+                httpx.Client(base_url=server.url, timeout=60,
                               limits=httpx.Limits(max_connections=config.users)) as client:
                 def post(i: int) -> float:
                     start = time.perf_counter()
@@ -250,8 +203,6 @@ def burst_recovery(config: TopologyBench) -> dict[str, dict[str, float]]:
                 time.sleep(5.5)  # let BentoML refresh its window from the burst's queue waits
                 window = window_ms()
                 after = lone()
-        finally:
-            _stop(process)
         results[name] = {"before_p50_ms": before, "after_p50_ms": after,
                          "window_after_burst_ms": window}
     table = Table(title=f"lone p50 before/after a {config.users}-user, {config.burst_s:.0f} s "

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from loadtests.payloads import Payload
 from service.contract import ONNX_INPUT, ModelContract, load_and_preprocess
+from service.runtime import create_session
 
 
 @dataclass
@@ -48,15 +48,6 @@ def cpu_affinity(cpus: str | None):
         os.sched_setaffinity(0, before)
 
 
-def make_session(onnx_path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
 def preprocessed(payloads: list[Payload], contract: ModelContract) -> np.ndarray:
     return np.stack([load_and_preprocess(p.data, contract) for p in payloads])
 
@@ -67,7 +58,7 @@ def ort_ceiling(onnx_path: Path, tensors: np.ndarray, *, threads: int, cpus: str
     """Images/s of session.run on preprocessed tensors at each batch size (median of repeats)."""
     points = []
     with cpu_affinity(cpus):
-        session = make_session(onnx_path, threads)
+        session = create_session(onnx_path, threads=threads)
         for batch_size in batch_sizes:
             reps = -(-batch_size // len(tensors))
             batch = np.ascontiguousarray(np.concatenate([tensors] * reps)[:batch_size])

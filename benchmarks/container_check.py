@@ -7,7 +7,7 @@ Steps: base image (once) -> Bento with that base -> `bentoml containerize --back
 -> `podman run` -> GET /readyz and POST /classify a real photo, compared with ONNX Runtime on the
 host. On a machine with Docker none of this is needed: `bentoml containerize` + `docker run`.
 
-    python -m service.container_check --model runs/bench-serve/export/model.onnx
+    python -m benchmarks.container_check --model runs/bench-serve/export/model.onnx
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp
 
+from loadtests.servers import ServerNotReady, wait_until_ready
 from service.contract import load_and_preprocess, softmax
-from service.local_server import ServerNotReady, wait_until_ready
 from service.model_store import read_contract
+from service.runtime import create_session
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "localhost/bookworm-py311:latest"
@@ -132,7 +132,7 @@ def check(config: ContainerCheck) -> None:
         print(f"POST /classify -> {response.status_code} {response.text}")
         response.raise_for_status()
         contract = read_contract(config.model)
-        session = ort.InferenceSession(str(config.model), providers=["CPUExecutionProvider"])
+        session = create_session(config.model)
         scores = softmax(session.run(["logits"], {"input": load_and_preprocess(
             data, contract)[None]})[0])[0]
         body = response.json()

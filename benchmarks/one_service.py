@@ -2,7 +2,7 @@
 
 Decode, preprocess and ONNX Runtime all run inside one batchable BentoML API: BentoML can only
 batch calls that arrive through an API, so in one service the decoding has to happen inside
-the batch. `bentoml serve service.one_service:OneService` answers POST /classify with a list
+the batch. `bentoml serve benchmarks.one_service:OneService` answers POST /classify with a list
 (one prediction per posted `images` file). Not the served design: see BENCHMARKS.md.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from service.contract import load_and_preprocess, softmax
 from service.runtime import create_session, run_logits
-from service.schemas import LabelScore, ModelRef, Prediction
+from service.schemas import ModelRef, Prediction
 from service.service import MODEL, settings
 
 
@@ -36,11 +36,6 @@ class OneService:
         tensors = list(self.decoders.map(
             lambda p: load_and_preprocess(p.read_bytes(), self.contract), images))
         scores = softmax(run_logits(self.session, np.stack(tensors)))
-        labels = self.contract.labels
-        answers = []
-        for row in scores:
-            order = np.argsort(row)[::-1][:3]
-            top_k = [LabelScore(label=labels[i], score=float(row[i])) for i in order]
-            answers.append(Prediction(label=top_k[0].label, score=top_k[0].score, top_k=top_k,
-                                      model=self.model_ref))
-        return answers
+        top_k = min(settings.top_k, len(self.contract.labels))
+        return [Prediction.from_scores(row, self.contract.labels, top_k=top_k,
+                                       model=self.model_ref) for row in scores]

@@ -7,16 +7,13 @@ BENCHMARKS.md unedited.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from loadtests.bench_serve import BenchResult, BenchServeConfig, Step
+from benchmarks.results import BenchResult, Step, load_result, save
 
 TARGET_VS_BASELINE = 3.0
 TARGET_VS_CEILING = 0.5
@@ -173,8 +170,7 @@ def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
     return out
 
 
-def markdown(result: BenchResult, config: BenchServeConfig, s: dict,
-             command: str) -> str:
+def markdown(result: BenchResult, s: dict, command: str) -> str:
     lines = [(f"Run {result.started} on {result.machine}. Cores: {result.cpu_split}; "
              f"{result.threads} intra-op thread(s) for ONNX Runtime and torch."),
              f"Command: `{command}`", "",
@@ -218,11 +214,9 @@ def markdown(result: BenchResult, config: BenchServeConfig, s: dict,
     return "\n".join(lines) + "\n"
 
 
-def render(result: BenchResult, config: BenchServeConfig, console: Console,
+def render(result: BenchResult, out: Path, users: int, console: Console,
            command: str = "make bench-serve") -> dict:
-    from loadtests.bench_serve import save
-
-    users = max(config.users)
+    """Print the table and verdicts for `users`; write OUT/bench_serve.md and .json."""
     s = summary(result, users)
     table = Table(title="bench-serve (closed-loop users, /classify, one photo per request)")
     for column in ("server", "users", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
@@ -236,11 +230,11 @@ def render(result: BenchResult, config: BenchServeConfig, console: Console,
                       _fmt(step.req_per_cpu_s), _fmt(load.loadgen_cpu_pct, 0),
                       _fmt(step.rss_mb, 0))
     console.print(table)
-    text = markdown(result, config, s, command)
+    text = markdown(result, s, command)
     console.print(text.split("\n\n", 2)[-1])
-    (config.out / "bench_serve.md").write_text(text)
-    save(result, config.out)
-    console.print(f"[dim]written: {config.out}/bench_serve.md, bench_serve.json, Locust "
+    (out / "bench_serve.md").write_text(text)
+    save(result, out)
+    console.print(f"[dim]written: {out}/bench_serve.md, bench_serve.json, Locust "
                   "CSV/HTML per step[/]")
     return s
 
@@ -278,41 +272,28 @@ def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_splits(results: dict[str, BenchResult], config: BenchServeConfig,
+def render_splits(results: dict[str, BenchResult], out: Path, users: int,
                   console: Console) -> str:
     """Print and write (OUT/bench_serve.md) the targets for every core split side by side."""
-    text = splits_markdown(results, max(config.users))
+    text = splits_markdown(results, users)
     console.rule("bench-serve: both core splits")
     console.print(text)
-    (config.out / "bench_serve.md").write_text(text + "".join(
-        f"\n## Cores {split}\n\n" + (config.out / split / "bench_serve.md").read_text()
+    (out / "bench_serve.md").write_text(text + "".join(
+        f"\n## Cores {split}\n\n" + (out / split / "bench_serve.md").read_text()
         for split in results))
-    console.print(f"[dim]written: {config.out}/bench_serve.md (every split), "
-                  f"{config.out}/<split>/ (each split's JSON, logs, Locust reports)[/]")
+    console.print(f"[dim]written: {out}/bench_serve.md (every split), "
+                  f"{out}/<split>/ (each split's JSON, logs, Locust reports)[/]")
     return text
 
 
-def load_result(path: Path) -> BenchResult:
-    """A saved bench_serve.json back into a BenchResult."""
-    from loadtests.bench_serve import BenchResult, Step
-    from loadtests.locust_run import LoadResult
-
-    data = json.loads(Path(path).read_text())
-    steps = [Step(**{**step, "load": LoadResult(**step["load"])}) for step in data.pop("steps")]
-    return BenchResult(**data, steps=steps)
-
-
 def main() -> None:
-    """`python -m loadtests.report bench_out/serve/pinned/bench_serve.json`: print it again."""
+    """`python -m benchmarks.report bench_out/serve/pinned/bench_serve.json`: print it again."""
     import sys
-
-    from loadtests.bench_serve import BenchServeConfig
 
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out/serve/pinned/bench_serve.json")
     result = load_result(path)
     users = max(step.users for step in result.steps)
-    print(markdown(result, BenchServeConfig(users=[users], out=path.parent),
-                   summary(result, users), "make bench-serve"))
+    print(markdown(result, summary(result, users), "make bench-serve"))
 
 
 if __name__ == "__main__":

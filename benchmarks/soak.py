@@ -9,8 +9,8 @@ seconds, and compares the first and last fifth of the run (after a warm-up):
   latency drift  last-fifth p95 above first-fifth p95 by more than --max-p95-growth.
 It writes soak.json, soak_samples.csv and soak.png (RSS and latency over time) to --out.
 
-    python -m loadtests.soak --model runs/demo/export/model.onnx --duration-s 600
-    python -m loadtests.soak --host http://127.0.0.1:3000 --duration-s 300
+    python -m benchmarks.soak --model runs/demo/export/model.onnx --duration-s 600
+    python -m benchmarks.soak --host http://127.0.0.1:3000 --duration-s 300
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ console = Console()
 class SoakConfig(BaseSettings):
     """Steady load for a set time; reports memory (RSS) and latency drift of the server."""
 
-    model_config = SettingsConfigDict(cli_prog_name="python -m loadtests.soak",
+    model_config = SettingsConfigDict(cli_prog_name="python -m benchmarks.soak",
                                       cli_kebab_case=True, cli_implicit_flags=True,
                                       env_prefix="SOAK_")
 
@@ -210,7 +210,7 @@ def run_soak(config: SoakConfig) -> SoakReport:
             raise SystemExit(f"nothing listens on {host}: start the service first "
                              "(make serve) or pass --model")
     elif config.model:
-        from loadtests.bench_serve import free_port
+        from loadtests.servers import free_port
 
         server = start_bentoml(config.model, free_port(), log_dir=config.out, name="soak-service",
                                cpus=config.server_cpus if pinned else None)

@@ -32,3 +32,34 @@ def shared_dataset() -> Path:
     if not SHARED_DATASET.is_dir():
         pytest.skip(f"{SHARED_DATASET} is not here (CI has it beside the clone)")
     return SHARED_DATASET
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_model(tmp_path_factory) -> Path:
+    from tests.service.conftest import build_tiny_cnn, tiny_contract
+
+    return build_tiny_cnn(tmp_path_factory.mktemp("lt-model") / "tiny.onnx", tiny_contract())
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tiny_onnx_model, tmp_path_factory):
+    """The real service (`bentoml serve service.service:ProductClassifier`) on the tiny model."""
+    from loadtests.servers import free_port, start_bentoml
+
+    server = start_bentoml(str(tiny_onnx_model), free_port(),
+                           settings={"CLASSIFIER_ORT_THREADS": "1"},
+                           log_dir=tmp_path_factory.mktemp("lt-serve"))
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real trainer run folder (head-only, a few images): checkpoint for the baseline app."""
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    out = tmp_path_factory.mktemp("lt-run") / "run"
+    train(TrainConfig(data=DEMO_CATALOG, out=out, epochs=0, head_epochs=2, max_train_images=50,
+                      max_val_images=10))
+    return out

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench_serve import start_baseline
 from loadtests.checks import batch_problem, classify_problem
-from loadtests.servers import start_baseline
+from loadtests.servers import free_port
 from service.contract import load_and_preprocess
-from service.local_server import free_port
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from loadtests.bench_serve import BenchResult, Step
+from benchmarks.profile import stage_shares
+from benchmarks.report import splits_markdown, summary, verdicts
+from benchmarks.results import BenchResult, Step
 from loadtests.locust_run import LoadResult
-from loadtests.profile import stage_shares
-from loadtests.report import splits_markdown, summary, verdicts
 
 
 def _step(variant, rps, per_cpu, failures=0, reasons=None):

@@ -12,11 +12,11 @@ import math
 
 import httpx
 
-from loadtests.ab_serve import AbServeConfig, Variant, run_ab
-from loadtests.bench_serve import BenchServeConfig, run_bench
+from benchmarks.ab_serve import AbServeConfig, Variant, run_ab
+from benchmarks.bench_serve import BenchServeConfig, run_bench
+from benchmarks.report import summary
+from benchmarks.soak import SoakConfig, run_soak
 from loadtests.prom import scrape
-from loadtests.report import summary
-from loadtests.soak import SoakConfig, run_soak
 from tests.conftest import DEMO_CATALOG
 
 

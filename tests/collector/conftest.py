@@ -12,7 +12,7 @@ import pytest
 from collector.config import load_sources
 from collector.crawl import crawl
 from collector.demo_shop import FAULTS, DemoShop, write_sources
-from service.local_server import free_port
+from loadtests.servers import free_port
 from tests.conftest import DEMO_CATALOG
 
 

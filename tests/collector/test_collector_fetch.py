@@ -10,7 +10,7 @@ import pytest
 
 from collector.config import Download, Politeness
 from collector.fetch import Fetcher, FetchError
-from service.local_server import free_port
+from loadtests.servers import free_port
 from tests.collector.conftest import start_shop
 
 

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import imagehash
 import pytest
 from PIL import Image
 
 from collector.dedup import run_dedup
 from collector.manifest import MANIFEST_FILE, Manifest
-from service.local_server import free_port
+from loadtests.servers import start_review
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "reports" / "review-screenshots"
@@ -110,50 +104,10 @@ def review_manifest(request, tmp_path: Path, demo_catalog: Path) -> dict:
     return build_review_manifest(tmp_path / "collected", demo_catalog, per_label)
 
 
-class ReviewServer(contextlib.AbstractContextManager):
-    """`python -m collector.review` as a real process on 127.0.0.1; restartable."""
-
-    def __init__(self, manifest: Path, port: int, log: Path):
-        self.manifest, self.port, self.log = manifest, port, log
-        self.proc: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> ReviewServer:
-        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "collector.review", "--manifest", str(self.manifest),
-                 "--port", str(self.port), "--no-browser"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"review app exited ({self.proc.returncode}): "
-                                   f"{self.log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/api/summary", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise RuntimeError(f"review app did not answer in 60 s: {self.log.read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 @pytest.fixture()
 def review_server(review_manifest: dict, tmp_path: Path):
-    with ReviewServer(review_manifest["manifest"], free_port(), tmp_path / "review.log") as server:
-        yield server.start()
+    with start_review(review_manifest["manifest"], log_dir=tmp_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,13 @@ import pytest
 
 from collector.export import export_dataset
 from collector.manifest import Manifest
+from loadtests.servers import start_review
 from tests.review.conftest import XSS_TITLE, card, open_page, row, wait_for_thumbnails
 
 
 @pytest.mark.parametrize("review_manifest", [8], indirect=True)  # 8 photos per label suffice
 def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
-        browser, review_manifest, review_server, screenshots, tmp_path):
+        browser, review_manifest, review_server, screenshots, tmp_path, request):
     manifest, ids = review_manifest["manifest"], review_manifest["ids"]
     requests: list[str] = []
     page = open_page(browser, review_server.url + "/", requests)
@@ -139,9 +140,11 @@ def test_review_page_keyboard_flow_survives_restart_and_reaches_export(
     page.close()
 
     # kill -9 the app and start it again: every decision is still there, in the page too.
-    review_server.stop(signal.SIGKILL)
-    review_server.start()
-    page = open_page(browser, review_server.url + "/#review=rejected", requests)
+    review_server.signal(signal.SIGKILL)
+    review_server.stop()
+    restarted = start_review(manifest, review_server.port, log_dir=tmp_path, name="restarted")
+    request.addfinalizer(restarted.stop)
+    page = open_page(browser, restarted.url + "/#review=rejected", requests)
     page.wait_for_function("document.querySelectorAll('#grid .card').length === 3")
     shown = {int(c.get_attribute("data-id")) for c in page.locator("#grid .card").all()}
     assert shown == {second, third, drop_id}

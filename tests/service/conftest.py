@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from loadtests.servers import SERVICE_TARGET, ServerProcess, start_bentoml
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
-from service.local_server import (
-    ServerNotReady,
-    exit_reason,
-    free_port,
-    own_bentoml_home,
-    wait_until_ready,
-)
 from tests.conftest import REPO
 
 LABELS = ["dress", "hat", "longsleeve", "outwear", "pants", "shirt", "shoes", "shorts", "skirt",
@@ -86,43 +76,13 @@ def tiny_onnx(tmp_path_factory) -> Path:
     return build_tiny_cnn(tmp_path_factory.mktemp("model") / "tiny.onnx", tiny_contract())
 
 
-class Server:
-    """A `bentoml serve` subprocess on 127.0.0.1 with its log kept for failing tests."""
-
-    def __init__(self, env: dict[str, str], log_path: Path,
-                 target: str = "service.service:ProductClassifier", cwd: Path = REPO):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's lifetime)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", target,
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, **own_bentoml_home(env.get("MODEL_TAG", ""),
-                                                  log_path.with_suffix("")), **env},
-            start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        try:
-            wait_until_ready(f"{self.url}/readyz", timeout_s=timeout_s,
-                             exited=exit_reason(self.process), interval_s=0.5)
-        except ServerNotReady as exc:
-            raise RuntimeError(f"bentoml serve: {exc}:\n{self.log()}") from None
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._log.close()
+def serve(env: dict[str, str], folder: Path, *, name: str = "serve",
+          target: str = SERVICE_TARGET, cwd: Path = REPO) -> ServerProcess:
+    """`bentoml serve` with these settings (MODEL_TAG among them, or the store's latest) on
+    127.0.0.1, ready for requests; its log is folder/<name>.log, its tail shown on failure."""
+    settings = dict(env)
+    return start_bentoml(settings.pop("MODEL_TAG", None), target=target, settings=settings,
+                         log_dir=folder, name=name, cwd=cwd)
 
 
 SERVER_ENV = {
@@ -136,13 +96,9 @@ SERVER_ENV = {
 @pytest.fixture(scope="module")
 def server(tiny_onnx, tmp_path_factory):
     """The service on the tiny model, started once per test module."""
-    srv = Server({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx)},
-                 tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        srv.wait_ready()
+    with serve({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx)},
+               tmp_path_factory.mktemp("serve")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from service.contract import load_and_preprocess, softmax
-from tests.service.conftest import LABELS, SERVER_ENV, Server, tiny_contract
+from tests.service.conftest import LABELS, SERVER_ENV, serve, tiny_contract
 
 MAX_IMAGE_BYTES = int(SERVER_ENV["CLASSIFIER_MAX_IMAGE_BYTES"])
 MAX_IMAGES = int(SERVER_ENV["CLASSIFIER_MAX_IMAGES_PER_REQUEST"])
@@ -260,7 +260,7 @@ def test_lone_request_latency_recovers_after_a_burst(client, photos):
 def wait_for_log_line(server, text: str, timeout_s: float = 15) -> str:
     """The server's log once it holds `text` (access lines are flushed after the answer)."""
     deadline = time.monotonic() + timeout_s
-    while text not in (log := server.log()) and time.monotonic() < deadline:
+    while text not in (log := server.log_path.read_text(errors="replace")) and time.monotonic() < deadline:
         time.sleep(0.2)
     return log
 
@@ -275,12 +275,8 @@ def test_internal_model_calls_stay_out_of_the_access_log(server, client, photos,
     assert "path=/classify" in log
     assert "path=/logits" not in log
 
-    traced = Server({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx),
-                     "CLASSIFIER_TRACE_MODEL_CALLS": "true"}, tmp_path / "traced.log")
-    try:
-        traced.wait_ready()
+    with serve({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx),
+                "CLASSIFIER_TRACE_MODEL_CALLS": "true"}, tmp_path, name="traced") as traced:
         answer = httpx.post(f"{traced.url}/classify", files={"image": (name, data)}, timeout=60)
         assert answer.status_code == 200
         assert "path=/logits" in wait_for_log_line(traced, "path=/logits")
-    finally:
-        traced.stop()

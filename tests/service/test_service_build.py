@@ -13,7 +13,7 @@ import yaml
 
 from service.model_store import save_to_store
 from tests.conftest import REPO
-from tests.service.conftest import LABELS, SERVER_ENV, Server
+from tests.service.conftest import LABELS, SERVER_ENV, serve
 
 BENTOML = [sys.executable, "-m", "bentoml"]
 
@@ -64,9 +64,7 @@ def test_built_bento_serves_from_the_model_store(stored_model, demo_catalog, tmp
     bento = build()
     tag = f"{bento.parent.name}:{bento.name}"
     env = {k: v for k, v in SERVER_ENV.items()}  # MODEL_TAG unset: product-classifier:latest
-    server = Server(env, tmp_path / "serve.log", target=tag, cwd=tmp_path)
-    try:
-        server.wait_ready()
+    with serve(env, tmp_path, target=tag, cwd=tmp_path) as server:
         card = httpx.get(f"{server.url}/model").json()
         assert card["tag"] == stored_model and card["metrics"] == {"top1_accuracy": 0.5}
         photo = min((demo_catalog / "shoes").iterdir()).read_bytes()
@@ -74,5 +72,3 @@ def test_built_bento_serves_from_the_model_store(stored_model, demo_catalog, tmp
                               timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["label"] in LABELS
-    finally:
-        server.stop()

@@ -11,9 +11,9 @@ from service.model_store import save_to_store
 from tests.service.conftest import (
     LABELS,
     SERVER_ENV,
-    Server,
     build_tiny_cnn,
     quantize_int8,
+    serve,
     tiny_contract,
 )
 
@@ -24,13 +24,9 @@ def int8_server(tmp_path_factory):
     fp32 = build_tiny_cnn(folder / "model.onnx", tiny_contract("int8-test"))
     int8 = quantize_int8(fp32, folder / "model.int8.onnx")
     tag = save_to_store(fp32, extra_files=[int8])
-    srv = Server({**SERVER_ENV, "MODEL_TAG": tag, "CLASSIFIER_PRECISION": "int8"},
-                 folder / "serve.log")
-    try:
-        srv.wait_ready()
+    with serve({**SERVER_ENV, "MODEL_TAG": tag, "CLASSIFIER_PRECISION": "int8"},
+               folder) as srv:
         yield srv, tag, int8
-    finally:
-        srv.stop()
 
 
 def test_int8_model_from_the_store_is_served(int8_server, demo_catalog):

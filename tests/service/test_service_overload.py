@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.service.conftest import SERVER_ENV, Server, build_tiny_cnn, tiny_contract
+from tests.service.conftest import SERVER_ENV, build_tiny_cnn, serve, tiny_contract
 
 SHEDDING = {
     # 4 requests in flight per API worker, then 429; the queueing budget never runs out.
@@ -29,13 +29,9 @@ def shedding_server(request, tmp_path_factory):
     settings, slow_layers, expected = SHEDDING[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     model = build_tiny_cnn(folder / "slow.onnx", tiny_contract(), slow_layers=slow_layers)
-    srv = Server({**SERVER_ENV, "MODEL_TAG": str(model), "CLASSIFIER_RETRY_AFTER_S": "2",
-                  **settings}, folder / "serve.log")
-    try:
-        srv.wait_ready()
+    with serve({**SERVER_ENV, "MODEL_TAG": str(model), "CLASSIFIER_RETRY_AFTER_S": "2",
+                **settings}, folder) as srv:
         yield srv, expected
-    finally:
-        srv.stop()
 
 
 def test_overload_sheds_with_retry_after_and_recovers(shedding_server, demo_catalog):

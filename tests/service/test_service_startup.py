@@ -9,8 +9,8 @@ import sys
 import onnx
 import pytest
 
+from loadtests.servers import free_port
 from service.contract import ModelContract
-from service.local_server import free_port
 from service.runtime import choose_providers, create_session
 from tests.conftest import REPO
 from tests.service.conftest import LABELS, build_tiny_cnn
