@@ -11,13 +11,14 @@ limits (413), field names and kinds, the number of images (400). It also sheds l
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+
+from service.schemas import ErrorBody
 
 FORM_SLACK_BYTES = 64 * 1024  # multipart headers and small form fields around the images
 
@@ -38,7 +39,7 @@ class GuardError(Exception):
 
 async def send_error(send, status: int, reason: str, message: str,
                      headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message, "reason": reason}).encode()
+    body = ErrorBody(error=message, reason=reason).model_dump_json().encode()
     raw_headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]

@@ -8,6 +8,7 @@ The ONNX file's own metadata stays the source of truth; the store copy must agre
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from service.contract import ContractError, ModelContract
 from service.runtime import create_session
 
 MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # what `trainer export --int8` writes beside model.onnx
 DEFAULT_MODEL_NAME = "product-classifier"
 
 
@@ -83,3 +85,13 @@ def resolve_model(ref: str) -> ResolvedModel:
     return ResolvedModel(onnx_path, contract, tag=str(model_ref.tag),
                          metrics=dict(model_ref.info.metadata.get("metrics", {})))
 
+
+def int8_variant(model: ResolvedModel) -> ResolvedModel:
+    """The quantized file beside the fp32 one (store entry or export folder), same contract."""
+    path = model.onnx_path.with_name(INT8_FILE)
+    if not path.is_file():
+        raise ContractError(f"CLASSIFIER_PRECISION=int8 but {path} does not exist; export with "
+                            "`trainer export RUN_DIR --int8`")
+    if read_contract(path) != model.contract:
+        raise ContractError(f"{path} and {model.onnx_path} carry different contracts")
+    return dataclasses.replace(model, onnx_path=path)

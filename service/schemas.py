@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from pydantic import BaseModel, Field
 
 
@@ -23,6 +26,17 @@ class Prediction(BaseModel):
     model: ModelRef
 
 
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, labels: Sequence[str], *, top_k: int,
+                    model: ModelRef, min_score: float | None = None) -> Prediction:
+        """One image's softmax scores -> the answer: best `top_k` labels, best first."""
+        order = np.argsort(scores)[::-1][:top_k]
+        ranked = [LabelScore(label=labels[i], score=float(scores[i])) for i in order]
+        best = ranked[0]
+        label = best.label if min_score is None or best.score >= min_score else None
+        return cls(label=label, score=best.score, top_k=ranked, model=model)
+
+
 class BatchPrediction(BaseModel):
     predictions: list[Prediction] = Field(description="one per image, in request order")
 
@@ -40,5 +54,7 @@ class ModelCard(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every refusal (4xx, 429, 503) of the service answers this JSON body."""
+
     error: str = Field(description="what went wrong, for humans")
     reason: str = Field(description="short machine-readable code, e.g. too_many_pixels")

@@ -12,7 +12,6 @@ Serve with `bentoml serve` in the repository root (bentofile.yaml names `Product
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import typing
 from pathlib import Path
 
@@ -23,12 +22,13 @@ from fastapi import FastAPI
 from pydantic import Field
 from starlette.responses import JSONResponse
 
+from service import metrics
 from service.batching import install_batch_window
 from service.contract import ContractError, ImageDecodeError, load_pixels, normalize, softmax
 from service.guard import ImageRoute, RequestGuard
-from service.model_store import ResolvedModel, read_contract, resolve_model
+from service.model_store import int8_variant, resolve_model
 from service.runtime import check_model_file, create_session, run_logits
-from service.schemas import BatchPrediction, LabelScore, ModelCard, ModelRef, Prediction
+from service.schemas import BatchPrediction, ErrorBody, ModelCard, ModelRef, Prediction
 from service.settings import ServiceSettings
 
 settings = ServiceSettings()
@@ -36,20 +36,6 @@ settings = ServiceSettings()
 # Checked at import, i.e. in `bentoml serve` itself before any worker starts: a model without a
 # usable contract stops start-up with this message (raised in a worker, BentoML would respawn it
 # forever).
-INT8_FILE = "model.int8.onnx"  # what `trainer export --int8` writes beside model.onnx
-
-
-def int8_variant(model: ResolvedModel) -> ResolvedModel:
-    """The quantized file beside the fp32 one (store entry or export folder), same contract."""
-    path = model.onnx_path.with_name(INT8_FILE)
-    if not path.is_file():
-        raise ContractError(f"CLASSIFIER_PRECISION=int8 but {path} does not exist; export with "
-                            "`trainer export RUN_DIR --int8`")
-    if read_contract(path) != model.contract:
-        raise ContractError(f"{path} and {model.onnx_path} carry different contracts")
-    return dataclasses.replace(model, onnx_path=path)
-
-
 try:
     MODEL = resolve_model(settings.model_tag)
     if settings.precision == "int8":
@@ -58,25 +44,17 @@ try:
 except ContractError as error:
     raise SystemExit(f"cannot serve MODEL_TAG={settings.model_tag!r}: {error}") from None
 
+def error_response(status: int, reason: str, message: str) -> JSONResponse:
+    metrics.rejections.labels(reason=reason).inc()
+    return JSONResponse(ErrorBody(error=message, reason=reason).model_dump(), status_code=status)
+
+
 UNREADABLE = "not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)"
 MIN_SCORE = Field(None, ge=0.0, le=1.0,
                   description="answer label null when the best score is below this")
 
-batch_size_histogram = bentoml.metrics.Histogram(
-    name="classifier_model_batch_images", documentation="images per ONNX Runtime run",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-predictions_counter = bentoml.metrics.Counter(
-    name="classifier_predictions", documentation="answered images by returned label "
-    "('none' when below min_score)", labelnames=["label"])
-batch_window_gauge = bentoml.metrics.Gauge(
-    name="classifier_batch_window_seconds", documentation="how long the batcher holds a lone "
-    "request back hoping for a fuller batch (as of its latest refresh)",
-    multiprocess_mode="livemax")
 install_batch_window(None if settings.learnt_batch_window else settings.batch_wait_ms,
-                     observer=batch_window_gauge.set)
-rejections_counter = bentoml.metrics.Counter(
-    name="classifier_rejected_requests", documentation="requests refused with a 4xx/429/503, "
-    "by reason", labelnames=["reason"])
+                     observer=metrics.batch_window.set)
 
 
 # BentoML 1.4 recycles the API->model client session every 100 requests (or 300 s) by closing
@@ -105,7 +83,7 @@ class OnnxModel:
                  max_latency_ms=settings.max_latency_ms)
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] crops (`contract.load_pixels`) -> float32 [N, classes] logits."""
-        batch_size_histogram.observe(len(pixels))
+        metrics.batch_images.observe(len(pixels))
         return run_logits(self.session, normalize(pixels, MODEL.contract))
 
 
@@ -153,14 +131,11 @@ class ProductClassifier:
             crops = await asyncio.gather(
                 *(asyncio.to_thread(self._load, index, path) for index, path in enumerate(paths)))
         except ImageDecodeError as error:
-            rejections_counter.labels(reason=error.reason).inc()
-            return JSONResponse({"error": error.detail, "reason": error.reason}, status_code=400)
+            return error_response(400, error.reason, error.detail)
         try:
             logits = await self.model.to_async.logits(np.stack(crops))
         except ServiceUnavailable:
-            rejections_counter.labels(reason="overloaded").inc()
-            return JSONResponse({"error": "the model is overloaded, retry shortly",
-                                 "reason": "overloaded"}, status_code=503)
+            return error_response(503, "overloaded", "the model is overloaded, retry shortly")
         return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
 
     def _load(self, index: int, path: Path) -> np.ndarray:
@@ -172,13 +147,10 @@ class ProductClassifier:
             raise ImageDecodeError(error.reason, f"image #{index}: {detail}") from error
 
     def _prediction(self, scores: np.ndarray, min_score: float | None) -> Prediction:
-        order = np.argsort(scores)[::-1][: self.top_k]
-        labels = self.contract.labels
-        top_k = [LabelScore(label=labels[i], score=float(scores[i])) for i in order]
-        best = top_k[0]
-        label = best.label if min_score is None or best.score >= min_score else None
-        predictions_counter.labels(label=label or "none").inc()
-        return Prediction(label=label, score=best.score, top_k=top_k, model=self.model_ref)
+        prediction = Prediction.from_scores(scores, self.contract.labels, top_k=self.top_k,
+                                            model=self.model_ref, min_score=min_score)
+        metrics.predictions.labels(label=prediction.label or "none").inc()
+        return prediction
 
 
 def _image_routes(service) -> dict[str, ImageRoute]:
@@ -200,4 +172,4 @@ ProductClassifier.add_asgi_middleware(
     RequestGuard, routes=_image_routes(ProductClassifier),
     max_image_bytes=settings.max_image_bytes, max_concurrency=settings.max_concurrency,
     retry_after_s=settings.retry_after_s,
-    on_reject=lambda reason: rejections_counter.labels(reason=reason).inc())
+    on_reject=lambda reason: metrics.rejections.labels(reason=reason).inc())
