@@ -3,7 +3,8 @@
 Errors name the bad field by its path in the YAML (`sites.shop.card: ...`), unknown keys are
 errors (a typo such as `politness:` must not be silently ignored), and CSS selectors are
 compiled up front so a broken selector fails at load time, not after an hour of crawling.
-See collector/examples/ for complete files and README.md for a worked Amazon-like profile.
+See collector/examples/ for complete files and docs/collect.md for a worked Amazon-like
+profile.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class ReviewConfig(BaseModel):
     rank: str | None = Field(None, description=(
         "before serving, rank images by how likely their label is wrong with this model: "
         "'imagenet', a trainer run folder, an .onnx path or a BentoML tag "
-        "(same as `python -m collector.review.rank`)"))
+        "(same as `collector rank`)"))
     thumbnail_dir: Path | None = Field(None, description=(
         "thumbnail cache; default: .review/thumbs beside the manifest"))
 

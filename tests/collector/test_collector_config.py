@@ -82,9 +82,9 @@ def test_collector_unreadable_files(tmp_path):
         load_sources(tmp_path / "missing.yaml")
 
 
-def test_collector_readme_profile_is_the_shipped_example():
-    """The worked Amazon-like profile in README.md is the file the tests load."""
-    readme = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL)
+def test_collector_docs_profile_is_the_shipped_example():
+    """The worked Amazon-like profile in docs/collect.md is the file the tests load."""
+    manual = (REPO / "docs" / "collect.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", manual, flags=re.DOTALL)
     shipped = yaml.safe_load((EXAMPLES / "amazon_like.yaml").read_text())
     assert any(yaml.safe_load(block) == shipped for block in blocks)
