@@ -1,43 +1,17 @@
-"""Image bytes -> a verified file in the content-addressed store, atomically.
+"""The content-addressed image store: verified image bytes -> a file, atomically.
 
-The byte cap is enforced while streaming (and up front from Content-Length), so a 2 GB "image"
-costs at most `max_bytes` of memory. Files go to `images/ab/abcdef....ext` named by sha256:
-written to a temp file in the same folder, then renamed, so a kill -9 leaves either the whole
-file or a `*.tmp` that `ImageStore.sweep()` removes on the next start. No fsync per file (it
-halved throughput here): a crash of the machine itself is covered instead by the crawl's
-start-up check, which sends rows whose file is missing or short back to pending.
+Files go to `images/ab/abcdef....ext` named by sha256: written to a temp file in the same
+folder, then renamed, so a kill -9 leaves either the whole file or a `*.tmp` that
+`ImageStore.sweep()` removes on the next start. No fsync per file (it halved throughput
+here): a crash of the machine itself is covered instead by the crawl's start-up check, which
+sends rows whose file is missing or short back to pending.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
-
-import httpx
-
-from collector.fetch import FetchError
-
-
-def read_capped(response: httpx.Response, max_bytes: int, deadline: float | None = None) -> bytes:
-    """The body, or FetchError too_large past `max_bytes`, or timeout past `deadline` (a
-    server that trickles bytes defeats a per-read timeout, not this)."""
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise FetchError("too_large", f"Content-Length {declared} > {max_bytes} bytes",
-                         http_status=response.status_code)
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise FetchError("too_large", f"more than {max_bytes} bytes",
-                             http_status=response.status_code)
-        if deadline is not None and time.monotonic() > deadline:
-            raise FetchError("timeout", "the whole answer took too long", retryable=True)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class ImageStore:
