@@ -31,7 +31,7 @@ from rich.progress import (
 
 from collector.config import SourcesConfig
 from collector.dedup import DedupSummary, run_dedup
-from collector.download import ImageStore
+from collector.store import ImageStore
 from collector.extract import extract_listing, extract_product_image
 from collector.fetch import Fetched, Fetcher, FetchError
 from collector.manifest import Manifest, open_manifest
