@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
 # glibc malloc returns freed pages to the OS on every step and then page-faults them back;
-# pinning them cut CPU training time 3-4x here (see DEVELOPERS.md / BENCHMARKS.md).
+# pinning them cut CPU training time 3-4x here (BENCHMARKS.md, trainer section).
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export PYTHONUNBUFFERED := 1
@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean bench-service container-check
 
-help:  ## list targets
+help:  ## list the make commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
 
 $(STAMP): pyproject.toml

@@ -1,7 +1,7 @@
 """`make bench-collect`: the collector vs img2dataset on the same image URLs, side by side.
 
-The demo shop serves a catalog (../shared/datasets/clothing-small/train when present, else the
-bundled demo catalog) from its own process on 127.0.0.1, faults off. Both tools get the same
+The demo shop serves a catalog (datasets/clothing-small/train when present, see
+benchmarks/datasets.py, else the bundled demo catalog) from its own process on 127.0.0.1, faults off. Both tools get the same
 URL list and run as their CLIs, each from a cold start into an empty folder, alternating:
 
   collector    `collector crawl` with url_lists (validation: full decode, min side, phash;
@@ -29,8 +29,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.datasets import CLOTHING_SMALL
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRAIN = REPO.parent / "shared" / "datasets" / "clothing-small" / "train"
+SHARED_TRAIN = CLOTHING_SMALL / "train"
 console = Console()
 
 

@@ -6,7 +6,7 @@ times through HTTP, side by side in one run (medians of repeats):
 - a label-filtered page and a most-suspect-first page;
 - a thumbnail made cold vs served from the cache.
 
-Then label-noise ranking quality on real photos (../shared/datasets/clothing-small): flip a
+Then label-noise ranking quality on real photos (clothing-small: benchmarks/datasets.py): flip a
 known 5% of labels at random, rank, and compare side by side how well the suspect score finds
 them: out-of-sample k-fold (what `collector.review.rank` does) vs the same classifier scored
 on the images it was fit on (in-sample), vs chance.
@@ -27,6 +27,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.datasets import CLOTHING_SMALL
 from collector.manifest import MANIFEST_FILE, Manifest
 from collector.review.store import ImageQuery, ReviewStore, build_page_query
 from loadtests.servers import start_review
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--catalog", type=Path, default=REPO / "demo_data" / "catalog")
     parser.add_argument("--rank-data", type=Path,
-                        default=REPO.parent / "shared" / "datasets" / "clothing-small")
+                        default=CLOTHING_SMALL)
     parser.add_argument("--rank-images", type=int, default=1500,
                         help="photos used for the ranking benchmark (0 = all)")
     parser.add_argument("--noise", type=float, default=0.05, help="fraction of labels flipped")

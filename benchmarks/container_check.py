@@ -1,7 +1,6 @@
 """Build the service image with `bentoml containerize` and prove it answers, without Docker.
 
-There is no Docker daemon on these machines; Debian's buildah builds and podman runs. The
-recipe (../shared/notes/containerize-here.md): a local Debian bookworm base image made with
+Without a Docker daemon, Debian's buildah builds and podman runs. The recipe: a local Debian bookworm base image made with
 debootstrap (no registry to pull python:3.11-slim from), runc instead of crun, lower rlimits.
 Steps: base image (once) -> Bento with that base -> `bentoml containerize --backend buildah`
 -> `podman run` -> GET /readyz and POST /classify a real photo, compared with ONNX Runtime on the
