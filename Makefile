@@ -56,7 +56,7 @@ bench-train: $(STAMP)  ## trainer: default recipe vs plain linear probe, clothin
 	$(PY) -m benchmarks.bench_train $(BENCH_TRAIN_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check collector trainer service loadtests tests
+	$(BIN)/ruff check collector trainer service loadtests benchmarks tests demo.py
 
 clean:
 	rm -rf runs reports demo_out bench_out .pytest_cache

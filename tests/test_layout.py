@@ -65,7 +65,7 @@ def test_every_module_of_a_light_room_imports_alone(room):
     failed = {}
     for name in names:
         result = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             failed[name] = result.stderr.strip().splitlines()[-1:]
     assert not failed, failed
