@@ -1,19 +1,28 @@
-"""`collector crawl | status | export | review`: the collector's command line.
+"""`collector crawl | check | status | review | rank | export`: the collector's command line.
 
 Each subcommand is a pydantic model, so its flags, defaults and help come from one place
-(pydantic-settings' CliApp). `review` belongs to collector/review/ and is imported only when
-asked for, so crawling never loads the review page's dependencies.
+(pydantic-settings' CliApp), and every command that reads a collection names its folder the
+same way: `--data DIR`. The review page and the ranking belong to collector/review/; their
+commands here only translate flags and import that package when run, so crawling never
+loads the review page's dependencies (Starlette, numpy, scikit-learn).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 from pathlib import Path
 
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliPositionalArg,
+    CliSubCommand,
+    SettingsConfigDict,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -28,6 +37,8 @@ _STATUS_COLUMNS = ("ok", "duplicate", "conflict", "rejected", "failed", "blocked
 
 
 def _collection(data: Path) -> Path:
+    if data.name == MANIFEST_FILE and data.is_file():   # the file itself is fine too
+        data = data.parent
     if not (data / MANIFEST_FILE).is_file():
         raise SystemExit(f"error: {data / MANIFEST_FILE} not found; run `collector crawl "
                          "sources.yaml` first, or pass --data to the folder it wrote")
@@ -113,10 +124,13 @@ class Crawl(BaseModel):
             out.print(table)
 
 
+_DATA_HELP = "the collection folder (output_dir) that holds manifest.sqlite"
+
+
 class Status(BaseModel):
     """Show what the manifest holds: images per label and status, pages, reasons."""
 
-    data: Path = Field(Path("collected"), description="the collection folder (output_dir)")
+    data: Path = Field(Path("collected"), description=_DATA_HELP)
 
     def cli_cmd(self) -> None:
         for table in status_tables(self.data):
@@ -127,7 +141,7 @@ class Export(BaseModel):
     """Write the kept (and reviewer-approved) images as a grouped, stratified
     train/val/test ImageFolder with manifest.csv and stats.json."""
 
-    data: Path = Field(Path("collected"), description="the collection folder (output_dir)")
+    data: Path = Field(Path("collected"), description=_DATA_HELP)
     out: Path = Field(Path("dataset"), description="the dataset folder to write")
     val: float = Field(0.1, ge=0, lt=1, description="validation fraction (steps of 5 %)")
     test: float = Field(0.1, ge=0, lt=1, description="test fraction (steps of 5 %)")
@@ -165,34 +179,97 @@ class Export(BaseModel):
             out.print(f"archive: {result.zip_path}")
 
 
+class _ReviewSettings(BaseSettings):
+    # Flags may also come from the environment: REVIEW_PORT=8800 collector review
+    model_config = SettingsConfigDict(env_prefix="REVIEW_")
+
+
+class Review(_ReviewSettings):
+    """Review the collected images in a browser: filter, approve, reject, relabel, undo.
+    The page listens on 127.0.0.1; every decision is written to the manifest at once."""
+
+    # The same fields as collector.review.app.ReviewConfig (a test keeps them in step),
+    # declared here so that `collector --help` does not import the web app.
+    data: Path = Field(Path("collected"), description=_DATA_HELP)
+    host: str = Field("127.0.0.1", description="interface to listen on; keep it local")
+    port: int = Field(8765, ge=0, le=65535, description="port (0 = any free port)")
+    browser: bool = Field(True, description="open the page in the default browser "
+                                            "(--no-browser to skip)")
+    rank: str | None = Field(None, description=(
+        "before serving, rank images by how likely their label is wrong with this model: "
+        "'imagenet', a trainer run folder, an .onnx path or a BentoML tag "
+        "(same as `collector rank --model`)"))
+    thumbnail_dir: Path | None = Field(None, description=(
+        "thumbnail cache; default: .review/thumbs beside the manifest"))
+
+    def cli_cmd(self) -> None:
+        data = _collection(self.data)
+        from collector.review.app import ReviewConfig, serve
+
+        options = self.model_dump(exclude={"data"})
+        try:
+            serve(ReviewConfig(manifest=data, **options))
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+
+class Rank(_ReviewSettings):
+    """Rank the collected images by how likely their label is wrong (out-of-sample
+    k-fold predictions); the review page shows them and sorts by 'suspect'."""
+
+    # The same fields as collector.review.rank.RankConfig (a test keeps them in step).
+    data: Path = Field(Path("collected"), description=_DATA_HELP)
+    model: str = Field("imagenet", description=(
+        "features from: 'imagenet' (shipped ImageNet EfficientNet-Lite0; needs no run), a "
+        "trainer run folder holding an exported .onnx, an .onnx path, or a BentoML model tag"))
+    folds: int = Field(5, ge=2, le=20, description=(
+        "k of the k-fold: each image is predicted by a model fit on the other k-1 folds"))
+    threads: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1,
+                         description="CPU threads for the backbone")
+    cache_dir: Path | None = Field(None, description=(
+        "embedding cache; default: .review/ beside the manifest"))
+
+    def cli_cmd(self) -> None:
+        data = _collection(self.data)
+        from collector.review.rank import RankConfig, rank
+
+        try:
+            result = rank(RankConfig(manifest=data, **self.model_dump(exclude={"data"})))
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        console.print(f"ranked {result['ranked']} images with {result['model']}: out-of-sample "
+                      f"predictions agree with {result['out_of_sample_agreement']:.1%} of "
+                      f"labels; {result['confident_disagreements']} confident disagreements "
+                      f"to review (sort by 'suspect' on the review page)")
+
+
 class Collector(BaseSettings, cli_prog_name="collector", cli_kebab_case=True,
                 cli_implicit_flags=True, cli_hide_none_type=True):
     """Collect product photos from shop listing pages into a clean, resumable dataset.
 
     Typical run: `collector crawl sources.yaml`, `collector status --data collected`,
-    `collector review --manifest collected/manifest.sqlite` (optional),
+    `collector review --data collected` and `collector rank --data collected` (optional),
     `collector export --data collected --out dataset`.
     """
 
     crawl: CliSubCommand[Crawl] = Field(description="crawl sources into the manifest (resumes)")
     status: CliSubCommand[Status] = Field(description="show the manifest's state")
+    review: CliSubCommand[Review] = Field(description="look at, fix and approve the images "
+                                                      "in a browser")
+    rank: CliSubCommand[Rank] = Field(description="rank images by how likely their label is "
+                                                  "wrong (for the review page)")
     export: CliSubCommand[Export] = Field(description="write the split ImageFolder dataset")
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
 
 
-for _command in (Crawl, Status, Export, Collector):  # help shows docstrings as written
+for _command in (Crawl, Status, Review, Rank, Export, Collector):  # help shows docstrings as written
     _command.__doc__ = inspect.cleandoc(_command.__doc__ or "")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["review"]:
-        # Hook for collector/review/ (owned by the review page): imported only when used.
-        from collector.review.app import main as review_main
-
-        return review_main(argv[1:]) or 0
     if not argv:
         argv = ["--help"]
     CliApp.run(Collector, cli_args=argv)

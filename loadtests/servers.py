@@ -210,11 +210,15 @@ def start_bentoml(model_ref: str | None, port: int | None = None, *,
                   timeout_s=timeout_s)
 
 
-def start_review(manifest: Path, port: int | None = None, *, log_dir: Path,
+def start_review(data: Path, port: int | None = None, *, log_dir: Path,
                  name: str = "review", timeout_s: float = 60.0) -> ServerProcess:
-    """The review page (`collector review`) over a collection's manifest, on 127.0.0.1."""
+    """The review page (`collector review --data DIR`) over a collection, on 127.0.0.1.
+
+    `data` is the collection folder, or its manifest.sqlite (the folder is what is passed).
+    """
     port = port or free_port()
-    command = [sys.executable, "-m", "collector", "review", "--manifest", str(manifest),
+    folder = Path(data).parent if Path(data).is_file() else Path(data)
+    command = [sys.executable, "-m", "collector", "review", "--data", str(folder),
                "--port", str(port), "--no-browser"]
     return launch(name, command, port=port, log_dir=log_dir, ready_path="/api/summary",
                   timeout_s=timeout_s)

@@ -1,5 +1,7 @@
-"""`python -m collector.review --manifest PATH [--port N] [--no-browser]`."""
+"""`python -m collector.review ...`: the same as `collector review ...`."""
 
-from collector.review.app import main
+import sys
 
-raise SystemExit(main())
+from collector.cli import main
+
+sys.exit(main(["review", *sys.argv[1:]]))

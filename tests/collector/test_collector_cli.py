@@ -17,7 +17,7 @@ def collector(*args: str) -> subprocess.CompletedProcess:
 def test_collector_help_lists_commands_and_defaults():
     top = collector("--help")
     assert top.returncode == 0
-    for command in ("crawl", "status", "export"):
+    for command in ("crawl", "status", "review", "rank", "export"):
         assert command in top.stdout
     export = collector("export", "--help")
     assert "--seed" in export.stdout and "(default: 0.1)" in export.stdout
@@ -49,7 +49,43 @@ def test_collector_status_and_export_commands(crawled, tmp_path):
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
-def test_collector_review_subcommand_is_routed():
-    result = collector("review", "--help")
-    assert result.returncode == 0, result.stderr
-    assert "--manifest" in result.stdout
+def test_collector_every_collection_command_takes_data():
+    for command in ("status", "review", "rank", "export"):
+        result = collector(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "--data" in result.stdout and "--manifest" not in result.stdout, command
+    # the old door still opens, with the same flags
+    old = subprocess.run([sys.executable, "-m", "collector.review", "--help"], check=False,
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert old.returncode == 0 and "--data" in old.stdout
+
+
+def test_collector_review_and_rank_flags_match_their_configs():
+    """The CLI declares review/rank flags itself (so `collector --help` stays light); they
+    must stay the same as the review package's own configs."""
+    from collector.cli import Rank, Review
+    from collector.review.app import ReviewConfig
+    from collector.review.rank import RankConfig
+
+    for cli, config in ((Review, ReviewConfig), (Rank, RankConfig)):
+        ours = {k: (f.annotation, f.default, f.metadata) for k, f in cli.model_fields.items()
+                if k != "data"}
+        theirs = {k: (f.annotation, f.default, f.metadata)
+                  for k, f in config.model_fields.items() if k != "manifest"}
+        assert ours == theirs, cli.__name__
+
+
+def test_collector_crawl_does_not_import_the_review_page():
+    code = ("import sys, collector.cli, collector.crawl; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('starlette', 'uvicorn', 'sklearn') or m.startswith('collector.review')))")
+    probe = subprocess.run([sys.executable, "-c", code],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+
+
+def test_collector_review_and_rank_name_a_missing_collection(tmp_path):
+    for command in ("review", "rank"):
+        result = collector(command, "--data", str(tmp_path / "nowhere"), "--no-browser"
+                           if command == "review" else "--folds=2")
+        assert result.returncode == 1 and "collector crawl" in result.stderr, command
