@@ -3,12 +3,17 @@
 Which images: those the manifest's EXPORTABLE rule admits (kept by dedup, or approved by a
 reviewer; never rejected ones), under their effective label (a reviewer's relabel wins).
 The split is sklearn's StratifiedGroupKFold with a fixed seed: label proportions are kept in
-every split and a near-duplicate cluster (`group_id`) never straddles two splits, so the test
-set holds no near-copy of a training photo. Output, written to a temp folder and renamed into
-place (a killed export leaves no half dataset):
+every split and a near-duplicate cluster never straddles two splits, so the test set holds no
+near-copy of a training photo. The split is a function of the images' content and the seed
+only: each cluster is keyed by its smallest sha256 and rows are ordered by (key, label,
+sha256) before splitting, so row ids (which follow arrival order, i.e. thread timing) play no
+part, and two crawls of the same shop, or a resumed and an uninterrupted crawl, export the
+same folders. Output, written to a temp folder and renamed into place (a killed export
+leaves no half dataset):
 
     OUT/train/LABEL/SHA.jpg, OUT/val/..., OUT/test/...
-    OUT/manifest.csv   split, label, file, sha256, phash, group_id, url, product, page, size
+    OUT/manifest.csv   split, label, file, sha256, phash, group_id (the cluster's smallest
+                       sha256), url, product, page, size; sorted by split, label, file
     OUT/stats.json     images per label and split, rejects by reason, settings
     OUT.zip            optional, the same tree in one archive to hand over
 """
@@ -81,16 +86,25 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace")
+    cluster_keys = manifest.cluster_keys()
+
+    def group_key(row) -> str:
+        return cluster_keys.get(row["group_id"], row["sha256"])
+
+    # Content order, never id order: ids follow arrival order (thread timing).
+    candidates = sorted(manifest.exportable_images(),
+                        key=lambda r: (group_key(r), r["effective_label"], r["sha256"], r["url"]))
     rows, seen = [], set()
-    for row in manifest.exportable_images():
+    for row in candidates:
         # An approved exact copy under the same label would be the same file twice: once.
         key = (row["effective_label"], row["sha256"])
         if key not in seen:
             seen.add(key)
             rows.append(row)
     labels = [r["effective_label"] for r in rows]
-    groups = [r["group_id"] if r["group_id"] is not None else -r["id"] for r in rows]
-    splits = assign_splits(labels, groups, val, test, seed)
+    keys = [group_key(r) for r in rows]
+    number = {key: n for n, key in enumerate(sorted(set(keys)))}
+    splits = assign_splits(labels, [number[key] for key in keys], val, test, seed)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,7 +116,10 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
     with open(tmp / "manifest.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        for row, label, split in zip(rows, labels, splits):
+        order = sorted(range(len(rows)), key=lambda i: (
+            splits[i], labels[i], Path(rows[i]["path"]).name))
+        for i in order:
+            row, label, split = rows[i], labels[i], splits[i]
             source = manifest.root / row["path"]
             relative = f"{split}/{label}/{Path(row['path']).name}"
             target = tmp / relative
@@ -111,7 +128,7 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
             counts.setdefault(label, dict.fromkeys(SPLITS, 0))[split] += 1
             writer.writerow({
                 "split": split, "label": label, "file": relative, "sha256": row["sha256"],
-                "phash": row["phash"], "group_id": row["group_id"], "width": row["width"],
+                "phash": row["phash"], "group_id": keys[i], "width": row["width"],
                 "height": row["height"], "bytes": row["bytes"], "format": row["format"],
                 "url": row["url"], "product_id": row["product_id"],
                 "product_title": row["product_title"], "product_url": row["product_url"],

@@ -310,6 +310,15 @@ class Manifest:
             (status, label, reason, None if status is None and label is None else time.time(),
              image_id))
 
+    def cluster_keys(self) -> dict[int, str]:
+        """group_id -> the smallest sha256 among the cluster's stored members: a name for
+        the cluster that depends on its content only (ids follow arrival order)."""
+        marks = ",".join("?" * len(STORED_STATUSES))
+        return {row[0]: row[1] for row in self.db.execute(
+            f"SELECT group_id, MIN(sha256) FROM images WHERE group_id IS NOT NULL "
+            f"AND sha256 IS NOT NULL AND status IN ({marks}) GROUP BY group_id",
+            STORED_STATUSES)}
+
     def exportable_images(self) -> list[sqlite3.Row]:
         return self.db.execute(
             f"SELECT *, {EFFECTIVE_LABEL_SQL} AS effective_label FROM images "
