@@ -38,6 +38,15 @@ def _check_selector(value: str | None) -> str | None:
     return value
 
 
+def check_label(label: str) -> str:
+    """A label becomes a folder name on export: nothing that could leave the export folder."""
+    if (not label.strip() or label != label.strip() or "/" in label or "\\" in label
+            or label.startswith(".") or "\0" in label):
+        raise ValueError(f"label {label!r} cannot be a folder name: use letters, digits, "
+                         "'-' or '_' (no '/', '\\' or leading '.')")
+    return label
+
+
 class SiteProfile(_Strict):
     """How to read one shop's listing (and product) pages."""
 
@@ -133,8 +142,7 @@ class SourcesConfig(_Strict):
     @classmethod
     def _check_categories(cls, categories: dict[str, list[str]]) -> dict[str, list[str]]:
         for label, urls in categories.items():
-            if not label.strip() or "/" in label or label.startswith("."):
-                raise ValueError(f"label {label!r} cannot be a folder name")
+            check_label(label)
             if not urls:
                 raise ValueError(f"label {label!r} has no start URLs")
             for url in urls:
@@ -142,6 +150,13 @@ class SourcesConfig(_Strict):
                 if parts.scheme not in ("http", "https") or not parts.netloc:
                     raise ValueError(f"label {label!r}: {url!r} is not an http(s) URL")
         return categories
+
+    @field_validator("url_lists")
+    @classmethod
+    def _check_url_lists(cls, url_lists: dict[str, Path]) -> dict[str, Path]:
+        for label in url_lists:
+            check_label(label)
+        return url_lists
 
     @model_validator(mode="after")
     def _every_url_has_a_profile(self) -> SourcesConfig:

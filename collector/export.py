@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from collector.config import check_label
 from collector.manifest import Manifest
 
 SPLITS = ("train", "val", "test")
@@ -102,6 +103,11 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
             seen.add(key)
             rows.append(row)
     labels = [r["effective_label"] for r in rows]
+    for label in sorted(set(labels)):   # a manifest edited by hand must not write outside OUT
+        try:
+            check_label(label)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; relabel those images on the review page") from None
     keys = [group_key(r) for r in rows]
     number = {key: n for n, key in enumerate(sorted(set(keys)))}
     splits = assign_splits(labels, [number[key] for key in keys], val, test, seed)

@@ -57,6 +57,8 @@ def test_collector_output_dir_is_relative_to_the_file(tmp_path):
     ({"categories": {"dress": ["ftp://shop/x"]}}, "categories", "not an http(s) URL"),
     ({"categories": {"dress": []}}, "categories", "no start URLs"),
     ({"categories": {"../etc": ["http://a/b"]}}, "categories", "folder name"),
+    ({"url_lists": {"../x": "urls.txt"}}, "url_lists", "folder name"),
+    ({"url_lists": {"a\\b": "urls.txt"}}, "url_lists", "folder name"),
     ({"limits": {"max_images_per_label": -5}}, "limits.max_images_per_label", ">= 1"),
     ({"dedup": {"hamming_threshold": 99}}, "dedup.hamming_threshold",
      "less than or equal to 32"),

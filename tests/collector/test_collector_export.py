@@ -117,3 +117,11 @@ def test_collector_assign_splits_small_and_invalid():
     assert assign_splits([], [], 0.1, 0.1, 0) == []
     with pytest.raises(ValueError, match="nothing to train on"):
         assign_splits(labels, groups, val=0.5, test=0.5, seed=0)
+
+
+def test_collector_export_refuses_a_label_that_leaves_the_folder(manifest, tmp_path):
+    ok = manifest.query("SELECT id FROM images WHERE status = 'ok' ORDER BY id LIMIT 1")[0]
+    manifest.db.execute("UPDATE images SET label = '../escaped' WHERE id = ?", (ok["id"],))
+    with pytest.raises(ValueError, match="cannot be a folder name"):
+        export_dataset(manifest, tmp_path / "dataset")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "dataset").exists()
