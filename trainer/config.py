@@ -28,19 +28,33 @@ class TrainConfig(BaseModel):
 
     # --- model -----------------------------------------------------------------------------
     arch: str = Field("tf_efficientnet_lite0", description=(
-        "backbone: tf_efficientnet_lite0 (timm, offline ImageNet weights), or torchvision "
-        "mobilenet_v3_large | efficientnet_b0 | resnet50 (ImageNet weights download when "
-        "online)"))
+        "backbone. Offline ImageNet weights (pip packages): tf_efficientnet_lite0 (224 px; "
+        "cost 1x), tf_efficientnet_lite1 (240 px; ~2.4x Lite0's training step time here, 2 CPU "
+        "cores), tf_efficientnet_lite2 (260 px; ~3.4x). torchvision mobilenet_v3_large | "
+        "efficientnet_b0 | resnet50 download their weights when online"))
     weights: str = Field("default", description=(
         "'default' = the backbone's ImageNet weights; a PATH to a local .pth state dict; "
         "'none' = random init"))
-    image_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
+    image_size: int | None = Field(None, ge=32, le=1024, description=(
+        "square input size in pixels (evaluation and service); default: the backbone's own "
+        "(224 / 240 / 260 for Lite0 / 1 / 2)"))
     crop_pct: float | None = Field(None, gt=0.3, le=1.0, description=(
         "evaluation centre crop / resized short side; default: the backbone's own (0.875)"))
 
     # --- schedule ----------------------------------------------------------------------------
-    epochs: int = Field(6, ge=0, description="full fine-tuning epochs (after the head phase); "
-                                             "0 = train the linear head only")
+    steps: int | None = Field(None, ge=1, description=(
+        "fine-tuning budget in optimizer steps; default: `budget_epochs` passes over the "
+        "training photos, but at least `min_steps` and at most `max_steps` (small sets get "
+        "enough updates, big ones do not take hours)"))
+    budget_epochs: float = Field(10, gt=0, description="passes over train in the default budget")
+    min_steps: int = Field(200, ge=1, description=(
+        "floor of the default step budget (200 steps of batch 32 = 6,400 augmented views)"))
+    max_steps: int = Field(720, ge=1, description=(
+        "cap of the default step budget (720 steps of batch 32 at 224 px: ~11 min on 2 CPU "
+        "cores, Lite0)"))
+    epochs: int | None = Field(None, ge=0, description=(
+        "fixed number of fine-tuning epochs instead of the step budget; 0 = train the linear "
+        "head only (the linear probe)"))
     head_epochs: int = Field(30, ge=0, description=(
         "head-only epochs with the backbone frozen, run on features computed once (cheap)"))
     batch_size: int = Field(32, ge=1)
@@ -49,8 +63,8 @@ class TrainConfig(BaseModel):
     backbone_lr_ratio: float = Field(0.1, ge=0, description=(
         "backbone peak LR = lr * ratio: pretrained features move slowly"))
     weight_decay: float = Field(0.02, ge=0)
-    warmup_epochs: float = Field(0.3, ge=0, description="linear LR warm-up of the fine-tuning "
-                                                        "phase, then cosine decay to zero")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description=(
+        "linear LR warm-up over this share of the fine-tuning steps, then cosine decay to zero"))
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     freeze_bn: bool = Field(True, description=(
         "keep BatchNorm running statistics frozen while fine-tuning (small batches and few "
@@ -62,8 +76,29 @@ class TrainConfig(BaseModel):
         "makes each step cheaper"))
     ema_decay: float = Field(0.0, ge=0, lt=1, description=(
         "exponential moving average of weights (e.g. 0.998); 0 = off"))
-    patience: int = Field(3, ge=1, description="early stopping: epochs without a better "
-                                               "validation macro-F1")
+    patience: int = Field(3, ge=1, description=(
+        "early stopping (selection 'val' only): evaluations without a better validation "
+        "macro-F1"))
+    evaluations: int = Field(10, ge=1, description=(
+        "validate and checkpoint about this many times over the fine-tuning steps (at epoch "
+        "ends)"))
+
+    # --- model selection -------------------------------------------------------------------
+    selection: Literal["auto", "val", "cv"] = Field("auto", description=(
+        "val = keep the best evaluation on the validation split (head phase or an epoch), with "
+        "early stopping; cv = k-fold cross-validation on train+val of the fixed schedule "
+        "against the linear probe on the same folds, then the winner refit on train+val; "
+        "auto = cv when validation has fewer than `small_val` photos (one noisy number cannot "
+        "tell epochs apart) and train+val is at most `cv_max_images`, else val"))
+    small_val: int = Field(150, ge=1, description="'auto' cross-validates below this many "
+                                                  "validation photos")
+    cv_folds: int = Field(3, ge=2, le=10, description="folds of the cross-validation")
+    cv_max_images: int = Field(2000, ge=10, description=(
+        "'auto' cross-validates only up to this many train+val photos (cost: folds + 1 "
+        "trainings)"))
+    calibrate: bool = Field(True, description=(
+        "fit a temperature on validation (or out-of-fold) logits so scores are calibrated; "
+        "stored in the contract, ECE before/after in the model card"))
 
     # --- augmentation ------------------------------------------------------------------------
     augment: Literal["recipe", "light", "none"] = Field("recipe", description=(

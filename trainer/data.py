@@ -8,6 +8,7 @@ decode is skipped with a warning and counted, never a crash.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import Counter
@@ -263,6 +264,22 @@ class TrainImages(Dataset):
         else:
             self.images, self.samples = None, list(samples)
         self.labels = [s.label for s in self.samples]
+
+    def subset(self, indices) -> TrainImages:
+        """The same photos (shared, not copied) restricted to indices: a fold of the set."""
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        part.labels = [self.labels[i] for i in indices]
+        part.images = None if self.images is None else [self.images[i] for i in indices]
+        return part
+
+    def joined(self, other: TrainImages) -> TrainImages:
+        """This set followed by other (same transform): train+val for a refit."""
+        both = copy.copy(self)
+        both.samples = self.samples + other.samples
+        both.labels = self.labels + other.labels
+        both.images = None if self.images is None else self.images + other.images
+        return both
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -25,7 +25,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from service.contract import decode_image, softmax
+from service.contract import decode_image
+from trainer.calibration import expected_calibration_error, probabilities
 from trainer.data import EvalImages, Sample, Skipped, discover
 from trainer.runs import RunDir, atomic_write_json, load_trained
 
@@ -53,14 +54,27 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     run = RunDir(Path(run_dir))
     model, contract, checkpoint = load_trained(run.root)
     labels = contract.labels
-    samples, source = eval_samples(run, labels, data)
+    selection = checkpoint.get("selection") or {}
     skipped = Skipped()
-    images = EvalImages(samples, contract, skipped, description="evaluation photos")
-    with torch.no_grad():
-        logits = torch.cat([model(images.tensor[i:i + 64])
-                            for i in range(0, len(images), 64)]).numpy()
-    probs = softmax(logits)
-    truth, predicted = images.labels.numpy(), probs.argmax(1)
+    if data is None and selection.get("mode") == "cv":
+        # Validation photos are in the refit's training set: judge the choice by what it was
+        # chosen on, predictions of models that never saw each photo.
+        chosen = "finetune" if selection["finetune"] else "probe"
+        oof = selection["oof"]
+        samples = [Sample(Path(p), label) for p, label in zip(oof["paths"], oof["labels"])]
+        logits, truth = np.asarray(oof["logits"][chosen]), np.asarray(oof["labels"])
+        source = (f"out-of-fold predictions ({len(selection['folds'])}-fold cross-validation "
+                  "on train+val; each photo predicted by a model that never saw it)")
+    else:
+        samples, source = eval_samples(run, labels, data)
+        images = EvalImages(samples, contract, skipped, description="evaluation photos")
+        samples, truth = images.samples, images.labels.numpy()
+        with torch.no_grad():
+            logits = torch.cat([model(images.tensor[i:i + 64])
+                                for i in range(0, len(images), 64)]).numpy()
+    # Scores as the service will give them: softmax(logits / contract.temperature).
+    probs = probabilities(logits, contract.temperature)
+    predicted = probs.argmax(1)
     classes = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, predicted, labels=classes, zero_division=0)
@@ -74,6 +88,12 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
                              "f1": float(f1[i]), "support": int(support[i])}
                       for i, name in enumerate(labels)},
         "best_epoch": checkpoint.get("metrics", {}),
+        "calibration": {
+            "temperature": contract.temperature,
+            "ece_uncalibrated": expected_calibration_error(probabilities(logits), truth),
+            "ece_calibrated": expected_calibration_error(probs, truth),
+            "fitted": checkpoint.get("calibration", {})},
+        "selection": {k: v for k, v in selection.items() if k != "oof"},
     }
     # Another data set gets its own folder, so the run's own report is never overwritten.
     out = run.report if data is None else run.root / f"report-{Path(data).resolve().name}"
@@ -84,7 +104,7 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     plot_confusion(matrix, labels, out / "confusion_matrix.png")
     history = json.loads(run.history.read_text()) if run.history.is_file() else []
     plot_curves(history, out / "curves.png")
-    mistakes = worst_mistakes(images.samples, probs, truth, labels)
+    mistakes = worst_mistakes(samples, probs, truth, labels)
     plot_mistakes(mistakes, out / "worst_mistakes.png")
     write_model_card(run, out, contract, metrics, history, mistakes)
     print_table(console, metrics, labels)
@@ -127,15 +147,18 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> None:
 
 def plot_curves(history: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [row["epoch"] for row in history]
+    val_rows = [row for row in history if "val_loss" in row]  # a refit has no validation
+    epochs = [row["epoch"] for row in val_rows]
     train_rows = [row for row in history if row.get("train_loss") is not None]
-    left.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation loss")
+    if val_rows:
+        left.plot(epochs, [row["val_loss"] for row in val_rows], "o-", label="validation loss")
     left.plot([r["epoch"] for r in train_rows], [r["train_loss"] for r in train_rows], "o-",
               label="train loss (augmented, smoothed labels)")
     left.set_xlabel("epoch (0 = head-only phase)")
     left.legend()
-    right.plot(epochs, [row["val_acc"] for row in history], "o-", label="validation accuracy")
-    right.plot(epochs, [row["val_macro_f1"] for row in history], "o-", label="validation macro-F1")
+    right.plot(epochs, [row["val_acc"] for row in val_rows], "o-", label="validation accuracy")
+    right.plot(epochs, [row["val_macro_f1"] for row in val_rows], "o-",
+               label="validation macro-F1")
     right.set_xlabel("epoch (0 = head-only phase)")
     right.legend()
     for ax in (left, right):
@@ -176,6 +199,38 @@ def plot_mistakes(mistakes: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def selection_lines(selection: dict, best: dict) -> list[str]:
+    """How the exported model was chosen, and why."""
+    if selection.get("mode") != "cv":
+        return ["## Model selection", "",
+                (f"{selection.get('reason', 'best evaluation on validation')}: epoch "
+                f"{best.get('epoch')} ({best.get('phase')}) by validation macro-F1.")]
+    summary = selection["summary"]
+    return ["## Model selection", "", f"{selection['reason']}.", "",
+            f"**Chosen: {summary['chosen']}.** {summary['why']}.", "",
+            "| fold | held-out photos | probe acc | fine-tuned acc | steps | wall s |",
+            "|---:|---:|---:|---:|---:|---:|",
+            *[f"| {f['fold']} | {f['images']} | {f['probe_acc']:.4f} | {f['finetune_acc']:.4f} "
+              f"| {f['steps']} | {f['wall_s']} |" for f in selection["folds"]], "",
+            ("The exported model is the chosen candidate refit on train+val with the same "
+            "fixed schedule.")]
+
+
+def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
+    fitted = calibration.get("fitted") or {}
+    lines = ["## Calibration", "",
+             (f"Scores are softmax(logits / T) with T = **{calibration['temperature']:.3f}** "
+             f"(in the model contract), fitted on {fitted.get('fitted_on', '?')}."), "",
+             (f"- expected calibration error on {evaluated_on}: "
+             f"**{calibration['ece_uncalibrated']:.4f}** before, "
+             f"**{calibration['ece_calibrated']:.4f}** after temperature scaling")]
+    if "ece_before" in fitted:
+        lines.append(f"- on the photos T was fitted on ({fitted['images']}): ECE "
+                     f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}, NLL "
+                     f"{fitted['nll_before']:.4f} -> {fitted['nll_after']:.4f}")
+    return lines
+
+
 def write_model_card(run: RunDir, out: Path, contract, metrics: dict, history: list[dict],
                      mistakes: list[dict]) -> Path:
     info = json.loads(run.dataset.read_text())
@@ -191,8 +246,9 @@ def write_model_card(run: RunDir, out: Path, contract, metrics: dict, history: l
         f"{metrics['skipped']} unreadable skipped) through the service's own preprocessing:"), "",
         f"- accuracy **{metrics['accuracy']:.4f}**",
         f"- macro-F1 **{metrics['macro_f1']:.4f}**",
-        (f"- selected: epoch {best.get('epoch')} ({best.get('phase')}) by validation macro-F1; "
-        f"training wall time {history[-1]['wall_s'] if history else '?'} s"), "",
+        f"- training wall time {history[-1]['wall_s'] if history else '?'} s", "",
+        *selection_lines(metrics["selection"], best), "",
+        *calibration_lines(metrics["calibration"], metrics["evaluated_on"]), "",
         "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|",
         *[f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for name, m in metrics["per_class"].items()], "",
@@ -207,7 +263,8 @@ def write_model_card(run: RunDir, out: Path, contract, metrics: dict, history: l
         "| epoch | phase | train loss | val loss | val acc | val macro-F1 | wall s |",
         "|---:|---|---:|---:|---:|---:|---:|",
         *[f"| {r['epoch']} | {r['phase']} | {r['train_loss'] if r['train_loss'] is not None else ''}"
-          f" | {r['val_loss']:.3f} | {r['val_acc']:.4f} | {r['val_macro_f1']:.4f} | {r['wall_s']} |"
+          + (f" | {r['val_loss']:.3f} | {r['val_acc']:.4f} | {r['val_macro_f1']:.4f}"
+             if "val_acc" in r else " | | | ") + f" | {r['wall_s']} |"
           for r in history], "",
         "## Known weak spots", "",
         *([f"- `{Path(m['path']).name}`: {m['true']} predicted as {m['predicted']} "

@@ -183,7 +183,10 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
               "parity": {"images": len(parity), "max_abs_logit_diff": max_diff,
                          "top1_identical": top1_same, "tolerance": tolerance},
               "val_images": len(labels), "val_acc_torch": acc_torch, "val_acc_onnx": acc_onnx,
-              "train_metrics": checkpoint.get("metrics", {})}
+              "train_metrics": checkpoint.get("metrics", {}),
+              "selection": (checkpoint.get("selection") or {}).get("mode", "val"),
+              # after a cross-validated refit these photos were trained on: a parity check only
+              "val_in_training": (checkpoint.get("selection") or {}).get("mode") == "cv"}
     console.print(f"parity on {len(parity)} real photos: max |logit diff| {max_diff:.2e}, "
                   f"top-1 identical: {top1_same}; val accuracy torch {acc_torch:.4f} "
                   f"onnx {acc_onnx:.4f} ({len(labels)} photos)")

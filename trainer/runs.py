@@ -5,7 +5,8 @@ RUN_DIR/
   dataset.json           labels, counts per split, where validation came from, skipped files
   history.json           one row per epoch: loss, accuracy, macro-F1, LR, images/s, wall time
   checkpoints/last.pt    everything --resume needs (model, optimizer, schedule, RNG, history)
-  checkpoints/best.pt    the best model by validation macro-F1, with its contract
+  selection.json         how the exported model was chosen (cross-validation folds) + calibration
+  checkpoints/best.pt    the model to export, with its contract (temperature included)
   report/                written by `trainer evaluate` (metrics, plots, MODEL_CARD.md)
   export/                written by `trainer export` (model.onnx, model.int8.onnx, export.json)
 """
@@ -47,6 +48,10 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection.json"
 
     @property
     def report(self) -> Path:

@@ -7,6 +7,7 @@ Read top to bottom: setup -> data -> model -> head phase -> fine-tuning epochs -
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import random
@@ -31,6 +32,7 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from service.contract import ModelContract
+from trainer.calibration import calibration_report
 from trainer.config import TrainConfig, TrainerError, load_config, save_config
 from trainer.data import (
     DatasetSplits,
@@ -56,6 +58,8 @@ class TrainResult:
     best: dict            # the best epoch's history row
     history: list[dict]
     wall_s: float
+    selection: dict = field(default_factory=dict)    # how the model was chosen (Selection)
+    calibration: dict = field(default_factory=dict)  # temperature, ECE before/after
 
 
 def setup_logging(console: Console) -> None:
@@ -79,7 +83,8 @@ def pick_device(name: str) -> torch.device:
 
 def make_contract(config: TrainConfig, labels: list[str]) -> ModelContract:
     spec = BACKBONES[config.arch]
-    return ModelContract(version=config.out.name, labels=labels, input_size=config.image_size,
+    return ModelContract(version=config.out.name, labels=labels,
+                         input_size=config.image_size or spec.image_size,
                          crop_pct=config.crop_pct or spec.crop_pct, mean=spec.mean, std=spec.std,
                          architecture=config.arch)
 
@@ -195,10 +200,53 @@ def make_optimizer(model: Classifier, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def make_schedule(optimizer, config: TrainConfig, steps_per_epoch: int):
-    """Linear warm-up then cosine decay to zero over all fine-tuning steps."""
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+@dataclass(frozen=True)
+class Plan:
+    """The fine-tuning schedule in optimizer steps, cut into epochs (passes over train)."""
+    steps: int
+    steps_per_epoch: int
+    eval_every: int        # epochs between evaluations / checkpoints
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.steps / self.steps_per_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        """The last epoch is cut short so the run ends on the budget exactly."""
+        return min(self.steps_per_epoch, self.steps - epoch * self.steps_per_epoch)
+
+    def evaluates_after(self, epoch: int) -> bool:
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs
+
+    def describe(self, images: int) -> str:
+        return (f"{self.steps} fine-tuning steps = {self.epochs} epochs of {self.steps_per_epoch}"
+                f" steps over {images} photos, validated every {self.eval_every} epoch(s)")
+
+
+def plan_schedule(config: TrainConfig, train_images: int) -> Plan:
+    """Steps from --epochs (fixed), --steps, or the default budget: budget_epochs passes,
+    clamped to [min_steps, max_steps], so 250 photos get enough updates and 30,000 photos
+    do not take hours."""
+    per_epoch = max(1, train_images // config.batch_size) if train_images > config.batch_size \
+        else 1
+    if config.max_steps_per_epoch:
+        per_epoch = min(per_epoch, config.max_steps_per_epoch)
+    if config.epochs is not None:
+        steps = config.epochs * per_epoch
+    elif config.steps is not None:
+        steps = config.steps
+    else:
+        steps = min(max(round(config.budget_epochs * per_epoch), config.min_steps),
+                    config.max_steps)
+    epochs = math.ceil(steps / per_epoch)
+    return Plan(steps, per_epoch, max(1, round(epochs / config.evaluations)))
+
+
+def make_schedule(optimizer, config: TrainConfig, total_steps: int):
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay to zero at the
+    last step: both follow the step budget."""
+    total = max(1, total_steps)
+    warmup = round(config.warmup_fraction * total)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -280,9 +328,9 @@ class TrainState:
     best: dict | None = None             # the best row of history
     elapsed: float = 0.0                 # wall seconds of training so far, across resumes
 
-    def epochs_since_best(self) -> int:
-        """Fine-tuning epochs after the best one (from history, so early stopping survives a
-        resume)."""
+    def evals_since_best(self) -> int:
+        """Fine-tuning evaluations after the best one (from history, so early stopping
+        survives a resume)."""
         if self.best is None:
             return 0
         last_best = max(i for i, row in enumerate(self.history) if row == self.best)
@@ -301,8 +349,8 @@ class Checkpointer:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def restore(self, model: Classifier, optimizer, schedule,
-                ema: Classifier | None) -> TrainState:
+    def restore(self, model: Classifier, optimizer, schedule, ema: Classifier | None,
+                plan: Plan) -> TrainState:
         """The state of the run in OUT (its last checkpoint), or a fresh one."""
         if not (self.config.resume and self.run.last.is_file()):
             if self.config.resume:
@@ -318,17 +366,18 @@ class Checkpointer:
         state = TrainState(**checkpoint["state"])
         self.started = time.perf_counter() - state.elapsed
         self.console.print(f"[bold green]resumed[/] from {self.run.last}: {state.epoch} of "
-                           f"{self.config.epochs} fine-tuning epochs done")
+                           f"{plan.epochs} fine-tuning epochs done")
         return state
 
     def record(self, state: TrainState, row: dict, model: Classifier, eval_model: Classifier,
                optimizer, schedule, ema: Classifier | None) -> bool:
-        """Append the row; write best.pt if it is the best so far, then last.pt."""
+        """Append the row; write best.pt if it is the best so far (without validation: the
+        latest, the schedule being fixed), then last.pt."""
         row["wall_s"] = round(self.elapsed(), 1)
         state.history.append(row)
         best = state.best
-        improved = best is None or (row["val_macro_f1"], row["val_acc"]) > (
-            best["val_macro_f1"], best["val_acc"])
+        improved = best is None or "val_acc" not in row or (
+            row["val_macro_f1"], row["val_acc"]) > (best["val_macro_f1"], best["val_acc"])
         common = {"contract": self.contract.model_dump(),
                   "config": self.config.model_dump(mode="json")}
         if improved:
@@ -347,11 +396,11 @@ class Checkpointer:
 
 def summary_line(row: dict, improved: bool) -> str:
     loss = f"train loss {row['train_loss']:.3f}  " if row.get("train_loss") is not None else ""
-    mark = "  [green]* best[/]" if improved else ""
+    val = (f"val loss {row['val_loss']:.3f}  acc {row['val_acc']:.4f}  macro-F1 "
+           f"{row['val_macro_f1']:.4f}  " if "val_acc" in row else "")
+    mark = "  [green]* best[/]" if improved and val else ""
     label = "head" if row["phase"] == "head" else f"epoch {row['epoch']}"
-    return (f"{label:>9}: {loss}val loss {row['val_loss']:.3f}  acc {row['val_acc']:.4f}  "
-            f"macro-F1 {row['val_macro_f1']:.4f}  {row['images_per_s']:.1f} img/s  "
-            f"{row['wall_s']:.0f}s{mark}")
+    return f"{label:>9}: {loss}{val}{row['images_per_s']:.1f} img/s  {row['wall_s']:.0f}s{mark}"
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -391,7 +440,7 @@ class TrainData:
     labels: list[str]
     contract: ModelContract
     train_set: TrainImages
-    val_set: EvalImages
+    val_set: EvalImages | None        # None: a refit on train+val
     loss_weights: torch.Tensor | None
 
 
@@ -420,6 +469,16 @@ def load_data(config: TrainConfig, run: RunDir, console: Console) -> TrainData:
     return TrainData(splits.labels, contract, train_set, val_set, loss_weights)
 
 
+def val_scores(model: Classifier, data: TrainData, config: TrainConfig,
+               device: torch.device) -> dict:
+    """Validation loss/accuracy/macro-F1 of model, or nothing when the run has no validation
+    (a refit on train+val)."""
+    if data.val_set is None:
+        return {}
+    return scores(predict(model, data.val_set.tensor, config.eval_batch_size, device,
+                          config.channels_last), data.val_set.labels)
+
+
 def head_phase(model: Classifier, data: TrainData, config: TrainConfig, device: torch.device,
                console: Console) -> dict:
     """Train the head on backbone features of the training photos computed once; the row
@@ -436,9 +495,192 @@ def head_phase(model: Classifier, data: TrainData, config: TrainConfig, device: 
                device)
     return {"epoch": 0, "phase": "head", "train_loss": None,
             "images_per_s": round(len(data.train_set) / (time.perf_counter() - t0), 1),
-            **scores(predict(model, data.val_set.tensor, config.eval_batch_size, device,
-                             config.channels_last), data.val_set.labels)}
+            **val_scores(model, data, config, device)}
 
+
+def new_model(config: TrainConfig, num_classes: int, device: torch.device) -> Classifier:
+    torch.manual_seed(config.seed)  # the same head initialisation in every fold and refit
+    model = build_model(config.arch, num_classes, config.weights).to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def fine_tune_fold(model: Classifier, train_set: TrainImages, plan: Plan, config: TrainConfig,
+                   device: torch.device, loss_weights, console: Console, name: str) -> None:
+    """The fixed schedule on one fold, start to end: no evaluation, no checkpoints."""
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(optimizer, config, plan.steps)
+    for epoch in range(plan.epochs):
+        torch.manual_seed(config.seed * 1000 + epoch)
+        with progress_bar(console) as progress:
+            train_one_epoch(model, train_loader(train_set, config, epoch), optimizer, schedule,
+                            config, device, loss_weights, plan.steps_in(epoch), None, progress,
+                            f"{name}: epoch {epoch + 1}/{plan.epochs}")
+
+
+# --- model selection on a small validation split --------------------------------------------
+
+@dataclass
+class Selection:
+    """How the exported model was chosen; saved as selection.json and in best.pt."""
+    mode: str                          # "val" or "cv"
+    reason: str
+    finetune: bool = True              # False: the linear probe won (head phase only)
+    folds: list[dict] = field(default_factory=list)
+    oof: dict | None = None            # out-of-fold logits of both candidates, per photo
+    summary: dict = field(default_factory=dict)
+
+
+def choose_selection(config: TrainConfig, train_images: int, val_images: int) -> Selection:
+    fine_tunes = config.epochs != 0
+    if not fine_tunes:
+        return Selection("val", "--epochs 0: the linear probe alone, nothing to choose",
+                         finetune=False)
+    pool = train_images + val_images
+    if config.selection == "val" or (config.selection == "auto" and (
+            val_images >= config.small_val or pool > config.cv_max_images)):
+        why = ("--selection val" if config.selection == "val" else
+               f"{val_images} validation photos (>= {config.small_val})"
+               if val_images >= config.small_val else
+               f"train+val has {pool} photos (> {config.cv_max_images}: cross-validation "
+               "would cost too much)")
+        return Selection("val", f"{why}: best evaluation on validation, early stopping")
+    why = ("--selection cv" if config.selection == "cv" else
+           f"only {val_images} validation photos (< {config.small_val}): one number that noisy "
+           "cannot tell epochs, or fine-tuning from the probe, apart")
+    return Selection("cv", f"{why}: {config.cv_folds}-fold cross-validation on train+val of "
+                           "the fixed schedule vs the linear probe, winner refit on train+val")
+
+
+def pooled(data: TrainData, config: TrainConfig, console: Console) -> TrainData:
+    """Train+val as one training set (validation photos decoded the training way too)."""
+    with progress_bar(console) as progress:
+        val_train = TrainImages(data.val_set.samples, data.contract,
+                                data.train_set.transform, Skipped(), cache=config.cache_images,
+                                progress=progress)
+    pool = data.train_set.joined(val_train)
+    return TrainData(data.labels, data.contract, pool, None,
+                     class_weights(config, pool.labels, len(data.labels)))
+
+
+def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
+                   device: torch.device, console: Console, run: RunDir) -> Selection:
+    """k stratified folds of train+val: on each, the linear probe and the fixed fine-tuning
+    schedule (head phase, then the step budget) train on k-1 folds and predict the held-out
+    one. Every photo is then predicted once by each candidate, by a model that never saw it:
+    281 out-of-fold predictions instead of 32 validation ones. Folds already done (in
+    selection.json) are not redone on --resume."""
+    from sklearn.model_selection import StratifiedKFold
+
+    done = json.loads(run.selection.read_text()) if run.selection.is_file() else {}
+    folds = done.get("folds", []) if done.get("mode") == "cv" else []
+    labels = np.asarray(pool.train_set.labels)
+    num_classes = len(pool.labels)
+    n_splits = min(config.cv_folds, int(np.bincount(labels).min()))
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=config.seed)
+    with progress_bar(console) as progress:
+        evaluated = EvalImages(pool.train_set.samples, pool.contract, Skipped(),
+                               progress=progress, description="cross-validation photos")
+    if len(evaluated) != len(labels):
+        raise TrainerError("a photo decoded for training but not for evaluation")
+    probe_model = new_model(config, num_classes, device)
+    with progress_bar(console) as progress:
+        feats = extract_features(probe_model, evaluated.tensor.split(config.eval_batch_size),
+                                 len(evaluated), device, config.channels_last, progress,
+                                 "cross-validation: backbone features")
+    oof = {"probe": np.zeros((len(labels), num_classes)),
+           "finetune": np.zeros((len(labels), num_classes))}
+    for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        fold = TrainData(pool.labels, pool.contract, pool.train_set.subset(fit_idx), None,
+                         class_weights(config, labels[fit_idx].tolist(), num_classes))
+        plan = plan_schedule(config, len(fit_idx))
+        if k < len(folds):  # done before a --resume
+            for name, logits in folds[k]["logits"].items():
+                oof[name][held_idx] = np.asarray(logits)
+            continue
+        t0 = time.perf_counter()
+        model = new_model(config, num_classes, device)
+        train_head(model, feats[fit_idx], torch.as_tensor(labels[fit_idx]), config,
+                   fold.loss_weights, device)
+        probe = model.head(feats[held_idx].to(device)).detach().float().cpu().numpy()
+        fine_tune_fold(model, fold.train_set, plan, config, device, fold.loss_weights, console,
+                       f"fold {k + 1}/{n_splits}")
+        tuned = predict(model, evaluated.tensor[held_idx], config.eval_batch_size, device,
+                        config.channels_last).numpy()
+        oof["probe"][held_idx], oof["finetune"][held_idx] = probe, tuned
+        row = {"fold": k + 1, "images": len(held_idx), "train_images": len(fit_idx),
+               "steps": plan.steps, "wall_s": round(time.perf_counter() - t0, 1),
+               **{f"{name}_acc": round(float((lg.argmax(1) == labels[held_idx]).mean()), 4)
+                  for name, lg in (("probe", probe), ("finetune", tuned))},
+               "logits": {"probe": probe.round(4).tolist(), "finetune": tuned.round(4).tolist()}}
+        folds.append(row)
+        console.print(f"fold {k + 1}/{n_splits}: probe {row['probe_acc']:.4f}, fine-tuned "
+                      f"{row['finetune_acc']:.4f} on {len(held_idx)} held-out photos "
+                      f"({row['wall_s']:.0f}s)")
+        atomic_write_json(run.selection, {"mode": "cv", "folds": folds})
+    return decide(selection, folds, oof, labels, evaluated.samples, num_classes)
+
+
+def decide(selection: Selection, folds: list[dict], oof: dict, labels: np.ndarray, samples,
+           num_classes: int) -> Selection:
+    """The candidate with the better out-of-fold macro-F1 (then accuracy); a tie goes to the
+    probe, the simpler and cheaper model."""
+    summary = {}
+    for name, logits in oof.items():
+        predicted = logits.argmax(1)
+        summary[name] = {"acc": round(float((predicted == labels).mean()), 4),
+                         "macro_f1": round(float(f1_score(labels, predicted, average="macro",
+                                                          labels=list(range(num_classes)),
+                                                          zero_division=0)), 4)}
+    ft, pr = summary["finetune"], summary["probe"]
+    finetune = (ft["macro_f1"], ft["acc"]) > (pr["macro_f1"], pr["acc"])
+    disagree = int((oof["finetune"].argmax(1) != oof["probe"].argmax(1)).sum())
+    winner = "fine-tuned" if finetune else "linear probe"
+    summary["chosen"] = "finetune" if finetune else "probe"
+    summary["why"] = (f"{winner} wins out of fold on {len(labels)} photos: fine-tuned acc "
+                      f"{ft['acc']:.4f} / macro-F1 {ft['macro_f1']:.4f} vs probe "
+                      f"{pr['acc']:.4f} / {pr['macro_f1']:.4f} ({disagree} photos where they "
+                      "disagree)")
+    return Selection(selection.mode, selection.reason, finetune=finetune, folds=folds,
+                     oof={"paths": [str(s.path) for s in samples], "labels": labels.tolist(),
+                          "logits": {name: lg.round(4).tolist() for name, lg in oof.items()}},
+                     summary=summary)
+
+
+# --- calibration and the final best.pt -------------------------------------------------------
+
+def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainConfig,
+             device: torch.device, console: Console) -> dict:
+    """Fit the temperature (on validation logits of the best model, or on the winner's
+    out-of-fold logits) and write it into best.pt's contract with how the model was chosen."""
+    checkpoint = load_checkpoint(run.best)
+    if selection.mode == "cv":
+        name = "finetune" if selection.finetune else "probe"
+        logits = np.asarray(selection.oof["logits"][name])
+        labels = np.asarray(selection.oof["labels"])
+        fitted_on = f"out-of-fold logits of the {name} candidate ({len(labels)} photos)"
+    else:
+        model = build_model(config.arch, len(data.labels), weights="none")
+        model.load_state_dict(checkpoint["model"])
+        logits = predict(model.to(device), data.val_set.tensor, config.eval_batch_size,
+                         device).numpy()
+        labels = data.val_set.labels.numpy()
+        fitted_on = f"validation logits of the selected model ({len(labels)} photos)"
+    calibration = calibration_report(logits, labels, fitted_on) if config.calibrate else {
+        "temperature": 1.0, "fitted_on": "not calibrated (--no-calibrate)"}
+    contract = ModelContract.model_validate(checkpoint["contract"]).model_copy(
+        update={"temperature": calibration["temperature"]})
+    checkpoint["contract"] = contract.model_dump()
+    checkpoint["calibration"] = calibration
+    checkpoint["selection"] = asdict(selection)
+    atomic_torch_save(checkpoint, run.best)
+    atomic_write_json(run.selection, {**asdict(selection), "calibration": calibration})
+    if config.calibrate:
+        console.print(f"temperature {calibration['temperature']:.3f} (fitted on {fitted_on}): "
+                      f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")
+    return calibration
+
+
+# --- the run ----------------------------------------------------------------------------------
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
@@ -450,19 +692,27 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
+    started = time.perf_counter()
     data = load_data(config, run, console)
 
-    model = build_model(config.arch, len(data.labels), config.weights).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    selection = choose_selection(config, len(data.train_set), len(data.val_set))
+    console.print(f"model selection: {selection.mode}: {selection.reason}")
+    if selection.mode == "cv":
+        data = pooled(data, config, console)
+        selection = cross_validate(selection, data, config, device, console, run)
+        console.print(f"[bold]chosen:[/] {selection.summary['why']}")
+    plan = plan_schedule(config, len(data.train_set) if selection.finetune else 0)
+    if not selection.finetune:
+        plan = Plan(0, 1, 1)
+    console.print(plan.describe(len(data.train_set)))
+
+    model = new_model(config, len(data.labels), device)
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = len(train_loader(data.train_set, config, 0))
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    schedule = make_schedule(optimizer, config, steps_per_epoch)
+    schedule = make_schedule(optimizer, config, plan.steps)
     ema = copy.deepcopy(model).eval() if config.ema_decay else None
-    checkpointer = Checkpointer(run, config, data.contract, console)
-    state = checkpointer.restore(model, optimizer, schedule, ema)
+    checkpointer = Checkpointer(run, config, data.contract, console,
+                                elapsed_before=time.perf_counter() - started)
+    state = checkpointer.restore(model, optimizer, schedule, ema, plan)
 
     if config.head_epochs and not state.head_done:
         row = head_phase(model, data, config, device, console)
@@ -471,27 +721,31 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         state.head_done = True
         checkpointer.record(state, row, model, model, optimizer, schedule, ema)
 
-    for epoch in range(state.epoch, config.epochs):
-        if state.epochs_since_best() >= config.patience:
+    for epoch in range(state.epoch, plan.epochs):
+        if selection.mode == "val" and state.evals_since_best() >= config.patience:
             console.print(f"early stop: no better validation macro-F1 for {config.patience} "
-                          "epochs")
+                          "evaluations")
             break
         torch.manual_seed(config.seed * 1000 + epoch)  # augmentation draws: resumable
         with progress_bar(console) as progress:
             metrics = train_one_epoch(model, train_loader(data.train_set, config, epoch),
                                       optimizer, schedule, config, device, data.loss_weights,
-                                      steps_per_epoch, ema, progress,
-                                      f"epoch {epoch + 1}/{config.epochs}")
+                                      plan.steps_in(epoch), ema, progress,
+                                      f"epoch {epoch + 1}/{plan.epochs}")
+        if not plan.evaluates_after(epoch):
+            continue
         eval_model = ema if ema is not None else model
         row = {"epoch": epoch + 1, "phase": "finetune", **metrics,
                "lr_head": schedule.get_last_lr()[1],
-               **scores(predict(eval_model, data.val_set.tensor, config.eval_batch_size, device,
-                                config.channels_last), data.val_set.labels)}
+               **val_scores(eval_model, data, config, device)}
         state.epoch = epoch + 1
         checkpointer.record(state, row, model, eval_model, optimizer, schedule, ema)
 
+    calibration = finalise(run, selection, data, config, device, console)
     best = state.best
-    console.rule(f"done in {checkpointer.elapsed() / 60:.1f} min: best epoch {best['epoch']} "
-                 f"({best['phase']}) val acc {best['val_acc']:.4f}, macro-F1 "
-                 f"{best['val_macro_f1']:.4f}")
-    return TrainResult(run.root, best, state.history, checkpointer.elapsed())
+    chosen = (selection.summary["why"] if selection.mode == "cv" else
+              f"best epoch {best['epoch']} ({best['phase']}) val acc {best['val_acc']:.4f}, "
+              f"macro-F1 {best['val_macro_f1']:.4f}")
+    console.rule(f"done in {checkpointer.elapsed() / 60:.1f} min: {chosen}")
+    return TrainResult(run.root, best, state.history, checkpointer.elapsed(), asdict(selection),
+                       calibration)

@@ -12,8 +12,10 @@ TINY_LABELS = ("hat", "pants", "shoes", "t-shirt")
 TINY_PER_LABEL = 10
 
 # Small and fast: 64 px, a few steps. Real photos, real model, real files.
-TINY_TRAIN = {"image_size": 64, "batch_size": 8, "epochs": 2, "head_epochs": 5, "max_steps_per_epoch": 2,
-                  "eval_batch_size": 32, "threads": 2}
+# Selection on validation (epochs picked by it); tests/trainer/test_trainer_selection.py
+# covers the cross-validated default that such a small validation split gets.
+TINY_TRAIN = {"image_size": 64, "batch_size": 8, "epochs": 2, "head_epochs": 5,
+              "max_steps_per_epoch": 2, "eval_batch_size": 32, "threads": 2, "selection": "val"}
 
 
 def copy_tiny_folder(catalog: Path, target: Path, per_label: int = TINY_PER_LABEL) -> Path:

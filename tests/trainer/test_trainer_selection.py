@@ -1,0 +1,125 @@
+"""The schedule scales with the data, small validation splits are cross-validated against the
+linear probe, and scores are calibrated by a temperature the contract carries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.calibration import (
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    probabilities,
+)
+from trainer.config import TrainConfig
+from trainer.evaluate import evaluate
+from trainer.runs import RunDir, load_checkpoint, load_trained
+from trainer.train import make_optimizer, make_schedule, plan_schedule, train
+
+
+def config(tmp_path, **knobs) -> TrainConfig:
+    return TrainConfig(data=tmp_path, out=tmp_path / "run", **knobs)
+
+
+@pytest.mark.parametrize("photos, steps", [(249, 200), (3068, 720), (30_000, 720),
+                                           (1000, 310)])
+def test_default_budget_is_in_steps_with_a_floor_and_a_cap(tmp_path, photos, steps):
+    plan = plan_schedule(config(tmp_path), photos)
+    assert plan.steps == steps
+    assert plan.steps_per_epoch == photos // 32
+    assert sum(plan.steps_in(e) for e in range(plan.epochs)) == steps  # ends on the budget
+    assert min(8, plan.epochs) <= sum(plan.evaluates_after(e) for e in range(plan.epochs)) <= 12
+
+
+def test_fixed_epochs_and_explicit_steps_override_the_budget(tmp_path):
+    assert plan_schedule(config(tmp_path, epochs=3), 320).steps == 30
+    assert plan_schedule(config(tmp_path, epochs=0), 320).steps == 0
+    assert plan_schedule(config(tmp_path, steps=55), 320).epochs == 6
+
+
+def test_warm_up_and_decay_follow_the_step_budget(tmp_path):
+    cfg = config(tmp_path, warmup_fraction=0.1)
+    model = torch.nn.Linear(2, 2)
+    model.head = model  # make_optimizer's two groups: this module is all head
+    lrs = []
+    schedule = make_schedule(torch.optim.SGD(model.parameters(), lr=1.0), cfg, 200)
+    for _ in range(200):
+        lrs.append(schedule.get_last_lr()[0])
+        schedule.optimizer.step()
+        schedule.step()
+    assert lrs[0] < 0.1 and max(lrs) == pytest.approx(1.0, abs=0.05)
+    assert int(np.argmax(lrs)) == 20 and lrs[-1] < 0.001
+    assert make_optimizer  # the fine-tuning optimiser is built by the same module
+
+
+def test_temperature_recovers_the_truth_and_lowers_ece():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 5)) * 3
+    labels = np.array([rng.choice(5, p=p) for p in probabilities(true_logits)])
+    overconfident = true_logits * 2.5  # what a model that is too sure of itself outputs
+    assert fit_temperature(overconfident, labels) == pytest.approx(2.5, rel=0.1)
+    report = calibration_report(overconfident, labels, "synthetic")
+    assert report["ece_after"] < 0.03 < report["ece_before"]
+    assert report["nll_after"] < report["nll_before"]
+    perfect = probabilities(true_logits)
+    assert expected_calibration_error(perfect, labels) < 0.03
+
+
+@pytest.fixture(scope="module")
+def cv_run(tiny_folder, tiny_train, tmp_path_factory):
+    """The default selection on a validation split of 8 photos: cross-validation."""
+    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
+                                                                "max_steps_per_epoch")}
+    out = tmp_path_factory.mktemp("cv") / "run"
+    result = train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, **knobs))
+    evaluate(out)
+    return out, result
+
+
+def test_small_validation_is_cross_validated_against_the_probe(cv_run, tiny_folder):
+    out, result = cv_run
+    selection = json.loads(RunDir(out).selection.read_text())
+    assert selection["mode"] == "cv" and "8 validation photos" in selection["reason"]
+    assert [f["fold"] for f in selection["folds"]] == [1, 2, 3]
+    oof = selection["oof"]
+    every_photo = sorted(str(p) for p in tiny_folder.rglob("*.jpg"))
+    assert sorted(oof["paths"]) == every_photo  # train+val, each predicted exactly once
+    assert sum(f["images"] for f in selection["folds"]) == len(every_photo)
+    assert selection["summary"]["chosen"] in ("finetune", "probe")
+    assert selection["finetune"] == (selection["summary"]["chosen"] == "finetune")
+    # The refit trains on train+val with the fixed schedule: no validation rows to pick from.
+    history = json.loads(RunDir(out).history.read_text())
+    assert all("val_acc" not in row for row in history)
+    expected_phases = ["head", "finetune"] if selection["finetune"] else ["head"]
+    assert [row["phase"] for row in history] == expected_phases
+    assert result.selection["summary"] == selection["summary"]
+
+
+def test_report_says_what_was_chosen_and_why(cv_run):
+    out, _ = cv_run
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["evaluated_on"].startswith("out-of-fold predictions")
+    assert metrics["images"] == 40
+    card = (out / "report" / "MODEL_CARD.md").read_text()
+    summary = json.loads(RunDir(out).selection.read_text())["summary"]
+    assert f"**Chosen: {summary['chosen']}.**" in card and summary["why"] in card
+    assert "| fold | held-out photos | probe acc | fine-tuned acc |" in card
+
+
+def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
+    for run_dir in (cv_run[0], tiny_run):
+        _, contract, checkpoint = load_trained(run_dir)
+        fitted = checkpoint["calibration"]
+        assert contract.temperature == fitted["temperature"] != 1.0
+        # NLL is what T minimises (T = 1 is a candidate); ECE on 8 photos is binning noise
+        assert fitted["nll_after"] <= fitted["nll_before"] + 1e-6
+        card = (run_dir / "report" / "MODEL_CARD.md").read_text()
+        assert f"T = **{contract.temperature:.3f}**" in card
+        assert "expected calibration error" in card
+        metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+        assert metrics["calibration"]["temperature"] == contract.temperature
+    assert load_checkpoint(RunDir(tiny_run).best)["selection"]["mode"] == "val"
