@@ -104,3 +104,39 @@ def test_collector_robots_crawl_delay_slows_the_host():
         assert asyncio.run(go()) == 0.5                    # 1 / 2 s, not our 50/s
     finally:
         slow_site.stop()
+
+
+def robots_rules(text: str):
+    from protego import Protego
+
+    return Protego.parse(text)
+
+
+def test_collector_robots_wildcards_and_end_anchor():
+    """RFC 9309 patterns as real sites write them (urllib.robotparser ignores `*` and `$`)."""
+    agent = Politeness().user_agent
+    rules = robots_rules("User-agent: *\nDisallow: /*.png$\n"
+                         "Disallow: */s?k=*&rh=n*p_*p_*p_\n")
+    assert not rules.can_fetch("https://shop.example/img/a.png", agent)
+    assert rules.can_fetch("https://shop.example/img/a.png?w=200", agent)   # $ ends the URL
+    assert rules.can_fetch("https://shop.example/img/a.pngx", agent)
+    # Amazon.in's rule: a search refined by three or more filters is off limits
+    assert not rules.can_fetch(
+        "https://www.amazon.in/s?k=shoes&rh=n%3A1983518031%2Cp_36%3A1%2Cp_72%3A2%2Cp_n_3", agent)
+    assert rules.can_fetch("https://www.amazon.in/s?k=shoes&rh=n%3A1983518031", agent)
+    assert rules.can_fetch("https://www.amazon.in/s?k=shoes", agent)
+
+
+def test_collector_robots_longest_match_wins_and_allow_wins_ties():
+    agent = Politeness().user_agent
+    rules = robots_rules("User-agent: *\nDisallow: /\nAllow: /$\nAllow: /shop/\n"
+                         "Disallow: /shop/private\nAllow: /tie\nDisallow: /tie\n")
+    assert rules.can_fetch("https://s.example/", agent)                 # Allow: /$
+    assert not rules.can_fetch("https://s.example/about", agent)        # Disallow: /
+    assert rules.can_fetch("https://s.example/shop/hats", agent)        # longer Allow
+    assert not rules.can_fetch("https://s.example/shop/private/x", agent)  # longer Disallow
+    assert rules.can_fetch("https://s.example/tie", agent)              # equal length: Allow
+    # a group for our agent replaces the * group (RFC 9309 2.2.1)
+    ours = robots_rules("User-agent: *\nDisallow: /\n\n"
+                        "User-agent: product-classifier-collector\nAllow: /\n")
+    assert ours.can_fetch("https://s.example/a", agent)
