@@ -4,21 +4,31 @@ The trainer's export calls `save_to_store`; the service calls `resolve_model`. B
 on one layout: the store entry holds `model.onnx` (plus optional extras such as
 `model.int8.onnx` and `MODEL_CARD.md`), and its metadata repeats the contract and metrics.
 The ONNX file's own metadata stays the source of truth; the store copy must agree with it.
+It also carries the export's accuracy gate (`GATE_KEY`): which runtime + precision variants
+kept validation accuracy within `ACCURACY_BUDGET` of fp32; `select_variant` serves only those.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.contract import ContractError, ModelContract
-from service.runtime import create_session
+from service.runtime import OPENVINO, create_session, openvino_supports, variant_name
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # what `trainer export --int8` writes beside model.onnx
 DEFAULT_MODEL_NAME = "product-classifier"
+GATE_KEY = "product_classifier.accuracy_gate"  # JSON in model.onnx's metadata_props
+# A variant may lose at most 0.3 points of validation accuracy against ONNX Runtime fp32.
+ACCURACY_BUDGET = 0.003
+
+logger = logging.getLogger("product_classifier.service")
 
 
 @dataclass(frozen=True)
@@ -27,23 +37,38 @@ class ResolvedModel:
     contract: ModelContract
     tag: str                               # BentoML tag, or the file path when not from the store
     metrics: dict = field(default_factory=dict)
+    gate: dict | None = None               # the export's accuracy gate; None: not checked
 
 
 def read_contract(onnx_path: Path) -> ModelContract:
     """The contract stored in an ONNX file's metadata_props, or a ContractError saying why not."""
+    return _read(onnx_path)[0]
+
+
+def read_gate(onnx_path: Path) -> dict | None:
+    """The accuracy gate `trainer export` wrote into the file, or None (not checked)."""
+    return _read(onnx_path)[1]
+
+
+def _read(onnx_path: Path) -> tuple[ModelContract, dict | None]:
     if not onnx_path.is_file():
         raise ContractError(f"model file {onnx_path} does not exist")
     try:
         session = create_session(onnx_path, optimize=False)  # metadata only: no optimisation
     except Exception as exc:
         raise ContractError(f"{onnx_path} is not a loadable ONNX model: {exc}") from exc
-    contract = ModelContract.from_metadata(session.get_modelmeta().custom_metadata_map)
+    metadata = session.get_modelmeta().custom_metadata_map
+    contract = ModelContract.from_metadata(metadata)
+    try:
+        gate = json.loads(metadata[GATE_KEY]) if GATE_KEY in metadata else None
+    except ValueError as exc:
+        raise ContractError(f"{onnx_path}: metadata '{GATE_KEY}' is not JSON: {exc}") from None
     outputs = session.get_outputs()
     classes = outputs[0].shape[-1] if outputs and outputs[0].shape else None
     if isinstance(classes, int) and classes != len(contract.labels):
         raise ContractError(f"{onnx_path} outputs {classes} classes but its metadata lists "
                             f"{len(contract.labels)} labels: {contract.labels}")
-    return contract
+    return contract, gate
 
 
 def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
@@ -51,8 +76,10 @@ def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
     """Copy an exported ONNX model (and extras) into the BentoML model store; returns the tag."""
     import bentoml  # imported here so reading a contract does not pay bentoml's import time
 
-    contract = read_contract(onnx_path)
+    contract, gate = _read(onnx_path)
     metadata = {"contract": contract.model_dump(mode="json"), "metrics": metrics or {}}
+    if gate is not None:  # repeated for `bentoml models get`; the file's copy is what counts
+        metadata["accuracy_gate"] = gate
     labels = {"version": contract.version, "architecture": contract.architecture or "unknown"}
     with bentoml.models.create(name, labels=labels, metadata=metadata,
                                module="product_classifier.onnx") as model_ref:
@@ -67,7 +94,8 @@ def resolve_model(ref: str) -> ResolvedModel:
     """A BentoML tag (`product-classifier:latest`) or a path to an .onnx file -> model + contract."""
     path = Path(ref)
     if ref.endswith(".onnx") or path.is_file():
-        return ResolvedModel(path, read_contract(path), tag=str(path))
+        contract, gate = _read(path)
+        return ResolvedModel(path, contract, tag=str(path), gate=gate)
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -77,12 +105,12 @@ def resolve_model(ref: str) -> ResolvedModel:
         raise ContractError(f"no model '{ref}' in the BentoML model store; train and export one "
                             "with `trainer export RUN_DIR`, or set the tag/path explicitly") from exc
     onnx_path = Path(model_ref.path) / MODEL_FILE
-    contract = read_contract(onnx_path)
+    contract, gate = _read(onnx_path)
     stored = model_ref.info.metadata.get("contract")
     if stored is not None and ModelContract.model_validate(stored) != contract:
         raise ContractError(f"model '{model_ref.tag}': the store's metadata and {MODEL_FILE}'s "
                             "metadata disagree; re-export the model")
-    return ResolvedModel(onnx_path, contract, tag=str(model_ref.tag),
+    return ResolvedModel(onnx_path, contract, tag=str(model_ref.tag), gate=gate,
                          metrics=dict(model_ref.info.metadata.get("metrics", {})))
 
 
@@ -95,3 +123,67 @@ def int8_variant(model: ResolvedModel) -> ResolvedModel:
     if read_contract(path) != model.contract:
         raise ContractError(f"{path} and {model.onnx_path} carry different contracts")
     return dataclasses.replace(model, onnx_path=path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def gate_refusal(gate: dict, variant: str, path: Path) -> str | None:
+    """Why the gate refuses `variant` (served from `path`), or None when it may serve."""
+    entry = gate.get("variants", {}).get(variant)
+    if entry is None:
+        checked = sorted(name for name, e in gate.get("variants", {}).items() if e.get("passed"))
+        return (f"{variant} was not checked for accuracy when the model was exported "
+                f"(passed: {checked}); re-export on a machine that runs it, or serve one of those")
+    if entry.get("error"):
+        return f"{variant} could not be checked at export: {entry['error']}"
+    if entry.get("sha256") and entry["sha256"] != file_sha256(path):
+        return f"{path.name} changed since its accuracy was checked at export; re-export"
+    reference = gate["reference_val_acc"]
+    drop = reference - entry["val_acc"]
+    if drop > gate.get("budget", ACCURACY_BUDGET) + 1e-9:
+        return (f"{variant} loses {100 * drop:.2f} points of validation accuracy against fp32 "
+                f"({entry['val_acc']:.4f} vs {reference:.4f} on {gate['val_images']} photos; "
+                f"the budget is {100 * gate.get('budget', ACCURACY_BUDGET):.1f}); serve "
+                f"CLASSIFIER_PRECISION=fp32 or another variant that passed")
+    return None
+
+
+def _runnable(model: ResolvedModel, runtime: str, precision: str) -> bool:
+    if precision == "int8" and not model.onnx_path.with_name(INT8_FILE).is_file():
+        return False
+    return runtime != OPENVINO or openvino_supports(precision)
+
+
+def select_variant(model: ResolvedModel, runtime: str, precision: str,
+                   device: str = "cpu") -> tuple[ResolvedModel, str]:
+    """The file and precision to serve on `runtime`, checked against the export's gate.
+
+    precision auto: the fastest variant of this runtime that passed the gate (fp32 on a GPU,
+    whose speed the export did not measure, and for a model without a gate). A variant the gate
+    failed, or did not check, is refused with a ContractError; a model without any gate (not
+    from `trainer export`) is served as asked, with a warning.
+    """
+    gate = model.gate
+    if precision == "auto":
+        precision = "fp32"
+        if gate is not None and device == "cpu":
+            passed = [(entry.get("images_per_s", 0.0), entry["precision"])
+                      for entry in gate.get("variants", {}).values()
+                      if entry.get("runtime") == runtime and entry.get("passed")]
+            for _, candidate in sorted(passed, reverse=True):
+                if _runnable(model, runtime, candidate):
+                    precision = candidate
+                    break
+    served = int8_variant(model) if precision == "int8" else model
+    variant = variant_name(runtime, precision)
+    if gate is None:
+        if precision != "fp32":
+            logger.warning("%s carries no accuracy gate (not written by `trainer export`): "
+                           "serving %s unchecked", model.onnx_path, variant)
+        return served, precision
+    refusal = gate_refusal(gate, variant, served.onnx_path)
+    if refusal and not (precision == "fp32" and variant not in gate.get("variants", {})):
+        raise ContractError(f"CLASSIFIER_PRECISION={precision} on {runtime} refused: {refusal}")
+    return served, precision

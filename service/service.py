@@ -3,8 +3,9 @@
 Two services, as measured in BENCHMARKS.md (service section):
 - `ProductClassifier` (the API, `api_workers` processes) checks the request, decodes and
   crops the photo with `service.contract` and turns logits into labels;
-- `OnnxModel` (`model_workers` processes) normalises and runs ONNX Runtime on batches that
-  BentoML's adaptive batcher forms from the API workers' calls.
+- `OnnxModel` (`model_workers` processes) normalises and runs the model (OpenVINO or ONNX
+  Runtime, `service.runtime`) on batches that BentoML's adaptive batcher forms from the API
+  workers' calls.
 Crops cross the hop between them as uint8 (150 kB per 224 px image; float32 would be 602 kB).
 Serve with `bentoml serve` in the repository root (bentofile.yaml names `ProductClassifier`).
 """
@@ -12,6 +13,7 @@ Serve with `bentoml serve` in the repository root (bentofile.yaml names `Product
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import typing
 from pathlib import Path
 
@@ -24,10 +26,11 @@ from starlette.responses import JSONResponse
 
 from service import metrics
 from service.batching import install_batch_window
-from service.contract import ContractError, ImageDecodeError, load_pixels, normalize, softmax
-from service.guard import ImageRoute, RequestGuard
-from service.model_store import int8_variant, resolve_model
-from service.runtime import check_model_file, create_session, run_logits
+from service.contract import (ContractError, ImageDecodeError, crop_opened, normalize, open_for,
+                              softmax)
+from service.guard import DecodeBusy, ImageRoute, PixelBudget, RequestGuard
+from service.model_store import resolve_model, select_variant
+from service.runtime import check_model_file, choose_runtime, open_runtime, variant_name
 from service.schemas import BatchPrediction, ErrorBody, ModelCard, ModelRef, Prediction
 from service.settings import ServiceSettings
 
@@ -36,13 +39,29 @@ settings = ServiceSettings()
 # Checked at import, i.e. in `bentoml serve` itself before any worker starts: a model without a
 # usable contract stops start-up with this message (raised in a worker, BentoML would respawn it
 # forever).
+# The runtime and precision are chosen here too, so that a variant the export's accuracy gate
+# refused never starts.
 try:
-    MODEL = resolve_model(settings.model_tag)
-    if settings.precision == "int8":
-        MODEL = int8_variant(MODEL)
+    RUNTIME, DEVICE = choose_runtime(settings.runtime, settings.device)
+    MODEL, PRECISION = select_variant(resolve_model(settings.model_tag), RUNTIME,
+                                      settings.precision, device=DEVICE)
     check_model_file(MODEL.onnx_path, MODEL.contract)
-except ContractError as error:
+except (ContractError, RuntimeError) as error:
     raise SystemExit(f"cannot serve MODEL_TAG={settings.model_tag!r}: {error}") from None
+VARIANT = variant_name(RUNTIME, PRECISION)
+GATE = (MODEL.gate or {}).get("variants", {}).get(VARIANT)
+
+runtime_info = bentoml.metrics.Gauge(
+    name="classifier_runtime_info", documentation="1 for the runtime, precision and device that "
+    "serve the model", labelnames=["runtime", "precision", "device"], multiprocess_mode="livemax")
+
+
+class ServedModelCard(ModelCard):
+    runtime: str = Field(description="onnxruntime or openvino")
+    device: str = Field(description="cpu or cuda")
+    accuracy_gate: dict | None = Field(description=(
+        "this variant's validation accuracy and top-1 agreement with torch as `trainer export` "
+        "measured them; null: not checked"))
 
 def error_response(status: int, reason: str, message: str) -> JSONResponse:
     metrics.rejections.labels(reason=reason).inc()
@@ -52,6 +71,9 @@ def error_response(status: int, reason: str, message: str) -> JSONResponse:
 UNREADABLE = "not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)"
 MIN_SCORE = Field(None, ge=0.0, le=1.0,
                   description="answer label null when the best score is below this")
+
+# One per API worker process (each imports this module): the memory bound is per worker.
+DECODE_BUDGET = PixelBudget(settings.decode_budget_pixels, settings.decode_wait_s)
 
 install_batch_window(None if settings.learnt_batch_window else settings.batch_wait_ms,
                      observer=metrics.batch_window.set)
@@ -71,20 +93,23 @@ QUIET_HOP = {"logging": {"access": {"enabled": False}}, "tracing": {"excluded_ur
                  traffic={"timeout": settings.timeout_s}, runner_connection=NEVER_RECYCLE,
                  **({} if settings.trace_model_calls else QUIET_HOP))
 class OnnxModel:
-    """ONNX Runtime on batches of cropped uint8 images; loaded once per worker."""
+    """The model (OpenVINO or ONNX Runtime) on batches of cropped uint8 images; loaded once per
+    worker."""
 
     def __init__(self) -> None:
-        self.session = create_session(MODEL.onnx_path, threads=settings.ort_threads,
-                                      device=settings.device, spin_wait=settings.ort_spin_wait)
+        self.runtime = open_runtime(MODEL.onnx_path, runtime=RUNTIME, precision=PRECISION,
+                                    threads=settings.ort_threads, device=DEVICE,
+                                    spin_wait=settings.ort_spin_wait)
         size = MODEL.contract.input_size
-        run_logits(self.session, np.zeros((1, 3, size, size), np.float32))  # first run is slow
+        self.runtime.run(np.zeros((1, 3, size, size), np.float32))  # first run is slow
+        runtime_info.labels(runtime=RUNTIME, precision=PRECISION, device=self.runtime.device).set(1)
 
     @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
                  max_latency_ms=settings.max_latency_ms)
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] crops (`contract.load_pixels`) -> float32 [N, classes] logits."""
         metrics.batch_images.observe(len(pixels))
-        return run_logits(self.session, normalize(pixels, MODEL.contract))
+        return self.runtime.run(normalize(pixels, MODEL.contract))
 
 
 model_app = FastAPI(title="model card", docs_url=None, redoc_url=None, openapi_url=None)
@@ -116,41 +141,76 @@ class ProductClassifier:
         result = await self._classify(images, min_score)
         return result if isinstance(result, JSONResponse) else BatchPrediction(predictions=result)
 
-    @model_app.get("/model", response_model=ModelCard)
-    def model_card(self) -> ModelCard:
-        """Labels, version and evaluation metrics of the served model."""
+    @model_app.get("/model", response_model=ServedModelCard)
+    def model_card(self) -> ServedModelCard:
+        """Labels, version, evaluation metrics and runtime of the served model."""
         contract = self.contract
-        return ModelCard(name=contract.name, version=contract.version, tag=MODEL.tag,
-                         file=MODEL.onnx_path.name, precision=settings.precision,
-                         architecture=contract.architecture or "unknown", labels=contract.labels,
-                         input_size=contract.input_size, metrics=MODEL.metrics)
+        return ServedModelCard(name=contract.name, version=contract.version, tag=MODEL.tag,
+                               file=MODEL.onnx_path.name, precision=PRECISION,
+                               architecture=contract.architecture or "unknown",
+                               labels=contract.labels, input_size=contract.input_size,
+                               metrics=MODEL.metrics, runtime=RUNTIME, device=DEVICE,
+                               accuracy_gate=GATE)
 
     async def _classify(self, paths: list[Path],
                         min_score: float | None) -> list[Prediction] | JSONResponse:
         try:
-            crops = await asyncio.gather(
-                *(asyncio.to_thread(self._load, index, path) for index, path in enumerate(paths)))
+            # Headers only: the pixels a decode would hold are known before any is decoded.
+            opened = await asyncio.to_thread(self._open_all, paths)
         except ImageDecodeError as error:
             return error_response(400, error.reason, error.detail)
+        pixels = [image.width * image.height for image in opened]
+        if sum(pixels) > settings.max_request_pixels:
+            return error_response(
+                400, "too_many_pixels",
+                f"the {len(paths)} image(s) decode to {sum(pixels)} pixels together, the limit "
+                f"per request is {settings.max_request_pixels}; send fewer or smaller images")
+        results = await asyncio.gather(
+            *(DECODE_BUDGET.run(n, self._crop, index, image)
+              for index, (n, image) in enumerate(zip(pixels, opened))), return_exceptions=True)
+        metrics.decode_pixels_peak.set(DECODE_BUDGET.peak)
+        for result in results:
+            if isinstance(result, ImageDecodeError):
+                return error_response(400, result.reason, result.detail)
+        for result in results:
+            if isinstance(result, DecodeBusy):
+                return error_response(503, "decode_busy", str(result))
+            if isinstance(result, BaseException):
+                raise result
+        crops = results
         try:
             logits = await self.model.to_async.logits(np.stack(crops))
         except ServiceUnavailable:
             return error_response(503, "overloaded", "the model is overloaded, retry shortly")
         return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
 
-    def _load(self, index: int, path: Path) -> np.ndarray:
-        try:
-            return load_pixels(path.read_bytes(), self.contract, max_pixels=settings.max_pixels)
-        except ImageDecodeError as error:
-            # Say which image: in a batch the client must know which one was refused.
-            detail = UNREADABLE if error.reason == "not_an_image" else error.detail
-            raise ImageDecodeError(error.reason, f"image #{index}: {detail}") from error
+    def _open_all(self, paths: list[Path]) -> list:
+        opened = []
+        for index, path in enumerate(paths):
+            with _naming_image(index):
+                opened.append(open_for(path.read_bytes(), self.contract,
+                                       max_pixels=settings.max_pixels))
+        return opened
+
+    def _crop(self, index: int, image) -> np.ndarray:
+        with _naming_image(index):
+            return crop_opened(image, self.contract)
 
     def _prediction(self, scores: np.ndarray, min_score: float | None) -> Prediction:
         prediction = Prediction.from_scores(scores, self.contract.labels, top_k=self.top_k,
                                             model=self.model_ref, min_score=min_score)
         metrics.predictions.labels(label=prediction.label or "none").inc()
         return prediction
+
+
+@contextlib.contextmanager
+def _naming_image(index: int):
+    """Say which image: in a batch the client must know which one was refused."""
+    try:
+        yield
+    except ImageDecodeError as error:
+        detail = UNREADABLE if error.reason == "not_an_image" else error.detail
+        raise ImageDecodeError(error.reason, f"image #{index}: {detail}") from error
 
 
 def _image_routes(service) -> dict[str, ImageRoute]:

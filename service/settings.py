@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.contract import DEFAULT_MAX_PIXELS
@@ -23,16 +23,20 @@ class ServiceSettings(BaseSettings):
         "product-classifier:latest",
         validation_alias=AliasChoices("MODEL_TAG", "CLASSIFIER_MODEL_TAG"),
         description="BentoML model tag, or a path to an exported .onnx file")
-    precision: Literal["fp32", "int8"] = Field(
-        "fp32", description="int8: serve model.int8.onnx from beside model.onnx (`trainer "
-        "export --int8` writes it; measured ~2x faster on CPU)")
+    runtime: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="auto: ONNX Runtime CUDA when onnxruntime-gpu is installed, else "
+        "OpenVINO on an x86-64 CPU where it is installed, else ONNX Runtime CPU")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="auto: the fastest variant of the runtime that passed the export's "
+        "accuracy gate (fp32 without one); fp32/bf16: model.onnx (bf16 on OpenVINO only); "
+        "int8: model.int8.onnx (`trainer export --int8`); a variant the gate failed is refused")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU")
     gpus: int = Field(0, ge=0, description="GPUs the model service asks BentoML for "
                       "(resources: gpu); bentofile.gpu.yaml sets 1")
     ort_threads: int = Field(
-        2, ge=1, description="ONNX Runtime intra-op threads per model worker (it would otherwise "
-        "size its pool to the whole host and fight the other workers)")
+        2, ge=1, description="inference threads per model worker, ONNX Runtime or OpenVINO (they "
+        "would otherwise size their pool to the whole host and fight the other workers)")
     ort_spin_wait: bool = Field(
         False, description="let idle ONNX Runtime threads spin for work: lower latency on cores "
         "of their own, but it steals CPU from the API process when they share cores")
@@ -57,6 +61,26 @@ class ServiceSettings(BaseSettings):
     timeout_s: float = Field(30.0, gt=0, description="per-request timeout (504 after it)")
     max_image_bytes: int = Field(10 * 2**20, ge=1024, description="largest accepted image file")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest width*height decoded")
+    max_request_pixels: int = Field(
+        200_000_000, ge=1, description="most decoded pixels in one request, all its images "
+        "together (JPEGs count at their reduced decode size); over it: 400 too_many_pixels")
+    decode_budget_pixels: int = Field(
+        100_000_000, ge=1, description="pixels being decoded at once per API worker: decode "
+        "memory stays under ~4 bytes a pixel of it (~13 for transparent palette PNGs); an image "
+        "that does not fit within decode_wait_s gets 503 decode_busy")
+    decode_wait_s: float = Field(
+        5.0, gt=0, description="how long an image may wait for room in the decode budget")
     max_images_per_request: int = Field(32, ge=1, description="cap for /classify_batch")
     top_k: int = Field(3, ge=1, description="how many labels each answer lists")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers")
+
+    @model_validator(mode="after")
+    def _budgets_hold_one_image(self) -> ServiceSettings:
+        # Otherwise an image within max_pixels could never be decoded.
+        for name in ("max_request_pixels", "decode_budget_pixels"):
+            if getattr(self, name) < self.max_pixels:
+                raise ValueError(
+                    f"CLASSIFIER_{name.upper()}={getattr(self, name)} is below "
+                    f"CLASSIFIER_MAX_PIXELS={self.max_pixels}: an allowed image could never be "
+                    f"decoded; raise CLASSIFIER_{name.upper()} or lower CLASSIFIER_MAX_PIXELS")
+        return self
