@@ -1,26 +1,35 @@
 """The review web app: JSON endpoints over the manifest and one static page, on 127.0.0.1.
 
-    python -m collector.review --manifest crawl/manifest.sqlite [--port 8765] [--no-browser]
+    collector review --data collected [--port 8765] [--no-browser]
 
 Starlette + uvicorn, no template engine, no CDN: the page (static/) is served by this app.
 Every write is one SQLite transaction (collector.review.store), so a decision is on disk
-before the page shows it, and survives a restart or a kill.
+before the page shows it, and survives a restart or a kill. Image files are served only
+from inside the collection's image store. On loopback the Host check stops DNS rebinding;
+on any other interface (`--host 0.0.0.0`) the Host cannot be checked, so every request needs
+the token printed at start (`/?token=...` once sets a cookie; scripts send
+`Authorization: token ...`), as Jupyter does.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
+import socket
 import sys
 import threading
 import webbrowser
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs
 
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -60,19 +69,23 @@ class KeepRequest(BaseModel):
 
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+TOKEN_COOKIE = "review_token"
 
 
 class LocalOnly:
     """Refuse what another web site open in the same browser could send to this local app.
 
     - Host must be a loopback name while we listen on loopback (DNS rebinding);
+    - with a token (any other interface), every request must carry it: cookie, `?token=`
+      or `Authorization: token ...`;
     - a POST must be JSON (a cross-site form or text/plain POST is not) and, when the browser
       names its Origin, come from this app's own origin (CSRF).
     """
 
-    def __init__(self, app, check_host: bool = True):
+    def __init__(self, app, check_host: bool = True, token: str | None = None):
         self.app = app
         self.check_host = check_host
+        self.token = token
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -89,6 +102,10 @@ class LocalOnly:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
         if self.check_host and name not in LOOPBACK_NAMES:
             return 403, f"host {host!r} refused: the review app answers on 127.0.0.1 only"
+        if self.token is not None and not self._has_token(scope, headers):
+            return 403, ("this review page needs its token: open the address printed when "
+                         "it started (http://HOST:PORT/?token=...), or send "
+                         "'Authorization: token ...'")
         if scope["method"] == "POST":
             origin = headers.get("origin")
             if origin is not None and origin != f"http://{host}":
@@ -97,13 +114,40 @@ class LocalOnly:
                 return 415, "POST bodies must be application/json"
         return None
 
+    def _has_token(self, scope, headers: dict[str, str]) -> bool:
+        offered = []
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except Exception:  # noqa: BLE001 (a malformed Cookie header is simply no token)
+            pass
+        if TOKEN_COOKIE in cookie:
+            offered.append(cookie[TOKEN_COOKIE].value)
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "token":
+            offered.append(value.strip())
+        offered.append(_query_token(scope) or "")
+        # Constant-time comparison: the token must not leak through response timing.
+        return any(hmac.compare_digest(o.encode(), self.token.encode()) for o in offered if o)
+
+
+def _query_token(scope) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+    return values[0] if values else None
+
 
 def create_app(manifest: Path, thumbnail_dir: Path | None = None,
-               check_host: bool = True) -> Starlette:
+               check_host: bool = True, token: str | None = None) -> Starlette:
+    """The app; `token` (required on a non-loopback interface) guards every request."""
     store = ReviewStore(manifest)
     thumbs = ThumbnailCache(thumbnail_dir or store.root / ".review" / "thumbs")
 
     def index(request: Request) -> Response:
+        if token is not None and "token" in request.query_params:
+            # The printed link: keep the token in a cookie and take it out of the address bar.
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            return response
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     def summary(request: Request) -> Response:
@@ -186,7 +230,8 @@ def create_app(manifest: Path, thumbnail_dir: Path | None = None,
         Route("/api/groups/{group_id:int}/keep", keep, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(LocalOnly, check_host=check_host)],
+    app = Starlette(routes=routes,
+                    middleware=[Middleware(LocalOnly, check_host=check_host, token=token)],
                     exception_handlers={ReviewError: review_error, HTTPException: http_error})
     app.state.store = store
     return app
@@ -236,30 +281,37 @@ def serve(config: ReviewConfig) -> None:
 
         result = rank(RankConfig(manifest=config.manifest, model=config.rank))
         print(f"ranked {result['ranked']} images ({result['model']})", file=sys.stderr)
-    app = create_app(config.manifest, config.thumbnail_dir,
-                     check_host=config.host in LOOPBACK_NAMES)
+    local = config.host in LOOPBACK_NAMES
+    # Off loopback anyone on the network could reach the page: a fresh token per start.
+    token = None if local else secrets.token_urlsafe(24)
+    app = create_app(config.manifest, config.thumbnail_dir, check_host=local, token=token)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level="warning", access_log=False))
-    if config.browser:
-        def open_when_up() -> None:
-            while not server.started and not server.should_exit:
-                threading.Event().wait(0.1)
-            if server.started:
-                port = server.servers[0].sockets[0].getsockname()[1]
-                webbrowser.open(f"http://{config.host}:{port}/")
-        threading.Thread(target=open_when_up, daemon=True).start()
-    _announce(server, config)
+    _announce(server, config, token)
     server.run()
 
 
-def _announce(server, config: ReviewConfig) -> None:
-    """Print the address once the socket is bound (port 0 means we learn it only then)."""
+def _announce(server, config: ReviewConfig, token: str | None) -> None:
+    """Print the address once the socket is bound (port 0 means we learn it only then), and
+    open it in the browser if asked."""
     def wait() -> None:
         while not server.started and not server.should_exit:
             threading.Event().wait(0.05)
-        if server.started:
-            port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"review page: http://{config.host}:{port}/  (Ctrl-C to stop)", flush=True)
+        if not server.started:
+            return
+        port = server.servers[0].sockets[0].getsockname()[1]
+        host = config.host
+        if host in ("0.0.0.0", "::", ""):    # every interface: name one others can use
+            host = socket.gethostname()
+        elif ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+        print(f"review page: {url}  (Ctrl-C to stop)", flush=True)
+        if token:
+            print("  listening beyond this machine: the page needs the token in that link",
+                  flush=True)
+        if config.browser:
+            webbrowser.open(url)
     threading.Thread(target=wait, daemon=True).start()
 
 

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from collector.review.embeddings import IMAGENET, Backbone, embed_files, load_backbone
 from collector.review.ranking import DEFAULT_FOLDS, rank_label_issues
-from collector.review.store import ReviewStore
+from collector.review.store import ReviewError, ReviewStore
 
 console = Console(stderr=True)
 
@@ -78,12 +78,13 @@ def embed_with_cache(backbone: Backbone, keys: list[str], paths: list[Path],
 def rank(config: RankConfig) -> dict:
     """Compute and store predictions; returns a small summary."""
     store = ReviewStore(config.manifest)
-    rows = [row for row in store.stored_images() if row["review_status"] != "rejected"]
+    rows = [row for row in store.stored_images() if row["review_status"] != "rejected"
+            and _inside_store(store, row)]
     if len(rows) < 2 * config.folds:
         raise ValueError(f"only {len(rows)} images to rank; need at least {2 * config.folds}")
     backbone = load_backbone(config.model, threads=config.threads)
     keys = [row["sha256"] or f"id{row['id']}" for row in rows]
-    paths = [store.root / row["path"] for row in rows]
+    paths = [store.image_path(row["id"], row["path"]) for row in rows]
     cache = (config.cache_dir or cache_dir_for(config.manifest)) / \
         f"embeddings-{backbone.model_id}.npz"
     features = embed_with_cache(backbone, keys, paths, cache)
@@ -105,6 +106,16 @@ def rank(config: RankConfig) -> dict:
     return {"ranked": len(out), "unreadable": int((~usable).sum()), "model": backbone.model_id,
             "out_of_sample_agreement": round(agree, 4),
             "confident_disagreements": int(issues.confident_disagreement.sum())}
+
+
+def _inside_store(store: ReviewStore, row) -> bool:
+    try:
+        store.image_path(row["id"], row["path"])
+    except ReviewError:
+        console.print(f"[yellow]skipping image {row['id']}: its file {row['path']!r} is "
+                      "outside the image store")
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

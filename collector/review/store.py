@@ -9,6 +9,9 @@ Tables this module adds beside the collector's (CREATE ... IF NOT EXISTS, never 
     review_actions      one row per image per action: before/after values, batch, undone_at
     review_predictions  out-of-sample model predictions per image (collector.review.rank)
 
+Files are served only from `<collection>/images/` (IMAGE_DIR): a row's path is resolved
+(symlinks included) and refused if it lands anywhere else.
+
 Paging is keyset (WHERE (sort key, id) after the cursor ... LIMIT n): page 500 of 20,000
 images costs what page 1 costs, where OFFSET would scan every row before it.
 """
@@ -63,6 +66,8 @@ CREATE INDEX IF NOT EXISTS review_images_effective_label
     ON images (COALESCE(review_label, label), id);
 CREATE INDEX IF NOT EXISTS review_images_shop ON images (shop, id);
 """
+
+IMAGE_DIR = "images"   # the collector's content-addressed store, beside the manifest
 
 Action = Literal["approve", "reject", "relabel", "accept_suggestion", "clear"]
 ReviewFilter = Literal["all", "todo", "approved", "rejected", "relabelled"]
@@ -229,7 +234,18 @@ class ReviewStore:
                              (image_id,)).fetchone()
         if row is None or not row["path"]:
             raise ReviewError(f"image {image_id} has no stored file")
-        return self.root / row["path"], row["sha256"] or f"id{image_id}"
+        return self.image_path(image_id, row["path"]), row["sha256"] or f"id{image_id}"
+
+    def image_path(self, image_id: int, relative: str) -> Path:
+        """The file of a manifest row, refused unless it lies inside the image store: a
+        hand-edited or foreign manifest (`/etc/passwd`, `../..`, a symlink out) serves nothing."""
+        store = (self.root / IMAGE_DIR).resolve()
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(store):
+            raise ReviewError(f"image {image_id}: its file {relative!r} is outside the image "
+                              f"store {store}; this manifest row was edited by hand or comes "
+                              "from another collection")
+        return path
 
     def groups(self, kind: GroupKind = "all", cursor: int | None = None,
                limit: int = 20) -> dict:
