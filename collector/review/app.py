@@ -19,7 +19,6 @@ import socket
 import sys
 import threading
 import webbrowser
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs
@@ -116,13 +115,10 @@ class LocalOnly:
 
     def _has_token(self, scope, headers: dict[str, str]) -> bool:
         offered = []
-        cookie = SimpleCookie()
-        try:
-            cookie.load(headers.get("cookie", ""))
-        except Exception:  # noqa: BLE001 (a malformed Cookie header is simply no token)
-            pass
-        if TOKEN_COOKIE in cookie:
-            offered.append(cookie[TOKEN_COOKIE].value)
+        for pair in headers.get("cookie", "").split(";"):   # a malformed one is no token
+            name, _, value = pair.strip().partition("=")
+            if name == TOKEN_COOKIE:
+                offered.append(value)
         scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "token":
             offered.append(value.strip())

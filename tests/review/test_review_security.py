@@ -59,7 +59,7 @@ def start_networked(review_manifest, tmp_path):
                     port=port, log_dir=tmp_path, ready_path=None)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = re.search(r"review page: (http://\S+:%d/\?token=(\S+))" % port,
+        found = re.search(rf"review page: (http://\S+:{port}/\?token=(\S+))",
                           server.log_path.read_text())
         if found:
             return server, found.group(2)
