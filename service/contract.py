@@ -91,9 +91,10 @@ class ModelContract(BaseModel):
             raise ContractError(f"model metadata '{CONTRACT_KEY}' is invalid: {exc}") from exc
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_size: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image, fully decoded, EXIF orientation applied.
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_size: int | None = None) -> Image.Image:
+    """Bytes -> PIL image with only its header read: `.size` is what `finish_decode` will hold
+    in memory (a JPEG already at its reduced draft scale), so callers can budget on it first.
 
     Trust the bytes, not a file name or Content-Type. `draft_size` lets JPEG decode at a
     reduced DCT scale whose short side is still >= draft_size (3x faster on 800x600 photos).
@@ -113,20 +114,40 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     try:
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
+    except Exception as exc:
+        raise ImageDecodeError("corrupt", str(exc) or type(exc).__name__) from exc
+    return image
+
+
+def finish_decode(image: Image.Image) -> Image.Image:
+    """An `open_image` result -> RGB PIL image, fully decoded, EXIF orientation applied.
+
+    Peak memory is about 4 bytes a pixel of `image.size` (RGB is stored as 32-bit), about 13
+    for a transparent palette image (RGBA copy, white background, composite).
+    """
+    try:
         image.load()  # forces a full decode: truncated files fail here, not later
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # a copy would double the peak
         if image.mode != "RGB":
             # Transparent product shots become white-background, as shops show them.
             if image.mode in ("RGBA", "LA", "P"):
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, rgba)
+                del rgba, background
             image = image.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too_many_pixels", str(exc)) from exc
     except Exception as exc:
         raise ImageDecodeError("corrupt", str(exc) or type(exc).__name__) from exc
     return image
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: int | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image, fully decoded, EXIF orientation applied (`open_image` then
+    `finish_decode`)."""
+    return finish_decode(open_image(data, max_pixels=max_pixels, draft_size=draft_size))
 
 
 def resize_short_side(contract: ModelContract) -> int:
@@ -174,8 +195,18 @@ def preprocess(image: Image.Image, contract: ModelContract) -> np.ndarray:
 def load_pixels(data: bytes, contract: ModelContract,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> uint8 [S, S, 3] crop (the service's half of preprocessing, before the hop)."""
-    image = decode_image(data, max_pixels=max_pixels, draft_size=resize_short_side(contract))
-    return crop_pixels(image, contract)
+    return crop_opened(open_for(data, contract, max_pixels), contract)
+
+
+def open_for(data: bytes, contract: ModelContract,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_image` at the draft size this contract's crop allows (what `load_pixels` decodes)."""
+    return open_image(data, max_pixels=max_pixels, draft_size=resize_short_side(contract))
+
+
+def crop_opened(image: Image.Image, contract: ModelContract) -> np.ndarray:
+    """An `open_for` result -> uint8 [S, S, 3] crop: the decode, then `crop_pixels`."""
+    return crop_pixels(finish_decode(image), contract)
 
 
 def load_and_preprocess(data: bytes, contract: ModelContract,

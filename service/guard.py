@@ -11,6 +11,8 @@ limits (413), field names and kinds, the number of images (400). It also sheds l
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -164,6 +166,71 @@ class RequestGuard:
         for name in route.other_fields:
             if isinstance(form.get(name), UploadFile):
                 raise GuardError(400, "not_a_value", f"'{name}' must be a plain form value")
+
+
+class DecodeBusy(Exception):
+    """This process is already decoding as many pixels as its budget allows."""
+
+
+class PixelBudget:
+    """Pixels being decoded at once in this process: what bounds decode memory.
+
+    A PNG of one colour is a few hundred kB on the wire and 49 MP (200 MB) decoded, so byte
+    limits alone let a handful of requests take gigabytes. Each image holds its share (width x
+    height from its header) from before its decode until its thread is done with it, even if
+    the request is cancelled meanwhile. Whoever fits goes first: a small photo is not queued
+    behind a huge one; one that cannot get its share within `wait_s` raises DecodeBusy.
+    """
+
+    def __init__(self, capacity: int, wait_s: float, threads: int | None = None):
+        self.capacity, self.wait_s, self.threads = capacity, wait_s, threads
+        self.in_use = 0
+        self.peak = 0  # high-water mark, exported as a metric
+        self._waiters: set[asyncio.Future] = set()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def run(self, pixels: int, fn: Callable, *args):
+        """`fn(*args)` in a decode thread once `pixels` fit in the budget."""
+        if pixels > self.capacity:
+            raise ValueError(f"{pixels} pixels can never fit a budget of {self.capacity}")
+        loop = asyncio.get_running_loop()
+        await self._acquire(pixels, loop)
+        if self._executor is None:  # made in the worker process, not at import
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="decode")
+        try:
+            future = self._executor.submit(fn, *args)
+        except BaseException:
+            self._release(pixels)
+            raise
+        # Released when the thread is done, not when the awaiting task is: a cancelled request
+        # must not free memory that a decode still holds.
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, pixels))
+        return await asyncio.wrap_future(future)
+
+    async def _acquire(self, pixels: int, loop) -> None:
+        deadline = loop.time() + self.wait_s
+        while self.in_use + pixels > self.capacity:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DecodeBusy(f"{self.in_use} of {self.capacity} pixels are being decoded; "
+                                 f"{pixels} more do not fit, retry shortly")
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass  # the loop condition decides
+            finally:
+                self._waiters.discard(waiter)
+        self.in_use += pixels
+        self.peak = max(self.peak, self.in_use)
+
+    def _release(self, pixels: int) -> None:
+        self.in_use -= pixels
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 def _replay(body: bytes, receive):

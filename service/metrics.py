@@ -17,3 +17,7 @@ batch_window = bentoml.metrics.Gauge(
 rejections = bentoml.metrics.Counter(
     name="classifier_rejected_requests", documentation="requests refused with a 4xx/429/503, "
     "by reason", labelnames=["reason"])
+decode_pixels_peak = bentoml.metrics.Gauge(
+    name="classifier_decode_pixels_peak", documentation="most pixels one API worker has been "
+    "decoding at once since it started (bounded by CLASSIFIER_DECODE_BUDGET_PIXELS)",
+    multiprocess_mode="livemax")

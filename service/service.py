@@ -26,8 +26,14 @@ from starlette.responses import JSONResponse
 
 from service import metrics
 from service.batching import install_batch_window
-from service.contract import (ContractError, ImageDecodeError, crop_opened, normalize, open_for,
-                              softmax)
+from service.contract import (
+    ContractError,
+    ImageDecodeError,
+    crop_opened,
+    normalize,
+    open_for,
+    softmax,
+)
 from service.guard import DecodeBusy, ImageRoute, PixelBudget, RequestGuard
 from service.model_store import resolve_model, select_variant
 from service.runtime import check_model_file, choose_runtime, open_runtime, variant_name
