@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,11 +51,41 @@ async def send_error(send, status: int, reason: str, message: str,
     await send({"type": "http.response.body", "body": body})
 
 
+class ApiKeys:
+    """Bearer keys a request must present, held only as SHA-256 digests.
+
+    Every key is compared (no early exit) with hmac.compare_digest on equal-length digests, so
+    the answer's timing says neither which key nor how much of one matched. Keys are never
+    logged or echoed.
+    """
+
+    def __init__(self, keys: list[str], open_paths: frozenset[str]):
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self.open_paths = open_paths
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def allows(self, scope) -> bool:
+        if not self._digests or scope["path"].rstrip("/") in self.open_paths:
+            return True
+        value = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return False
+        presented = hashlib.sha256(token.strip()).digest()
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return matched
+
+
 class RequestGuard:
     def __init__(self, app, *, routes: dict[str, ImageRoute], max_image_bytes: int,
-                 max_concurrency: int, retry_after_s: int,
+                 max_concurrency: int, retry_after_s: int, api_keys: ApiKeys | None = None,
                  on_reject: Callable[[str], None] = lambda reason: None):
         self.app = app
+        self.api_keys = api_keys
         self.on_reject = on_reject  # e.g. a Prometheus counter by reason
         self.routes = routes
         self.max_image_bytes = max_image_bytes
@@ -65,6 +97,13 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._with_retry_after(send)
+        if self.api_keys and not self.api_keys.allows(scope):  # before any body is read
+            self.on_reject("unauthorized")
+            return await send_error(
+                send, 401, "unauthorized",
+                "send a valid API key as 'Authorization: Bearer <key>' (keys are set with "
+                "CLASSIFIER_API_KEYS or CLASSIFIER_API_KEY_FILE on the server)",
+                headers={"WWW-Authenticate": 'Bearer realm="product-classifier"'})
         route = self.routes.get(scope["path"].rstrip("/") or "/")
         if route is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)

@@ -21,7 +21,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse
 
 from service import metrics
@@ -34,13 +34,16 @@ from service.contract import (
     open_for,
     softmax,
 )
-from service.guard import DecodeBusy, ImageRoute, PixelBudget, RequestGuard
+from service.guard import ApiKeys, DecodeBusy, ImageRoute, PixelBudget, RequestGuard
 from service.model_store import resolve_model, select_variant
 from service.runtime import check_model_file, choose_runtime, open_runtime, variant_name
 from service.schemas import BatchPrediction, ErrorBody, ModelCard, ModelRef, Prediction
 from service.settings import ServiceSettings
 
-settings = ServiceSettings()
+try:
+    settings = ServiceSettings()
+except ValidationError as error:  # e.g. a budget below max_pixels: say which and why
+    raise SystemExit(f"invalid service settings: {error}") from None
 
 # Checked at import, i.e. in `bentoml serve` itself before any worker starts: a model without a
 # usable contract stops start-up with this message (raised in a worker, BentoML would respawn it
@@ -77,6 +80,11 @@ def error_response(status: int, reason: str, message: str) -> JSONResponse:
 UNREADABLE = "not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)"
 MIN_SCORE = Field(None, ge=0.0, le=1.0,
                   description="answer label null when the best score is below this")
+
+try:  # a missing key file stops start-up with its cure, not a traceback
+    API_KEYS = ApiKeys(settings.api_key_list(), settings.open_path_set())
+except ValueError as error:
+    raise SystemExit(f"cannot start the service: {error}") from None
 
 # One per API worker process (each imports this module): the memory bound is per worker.
 DECODE_BUDGET = PixelBudget(settings.decode_budget_pixels, settings.decode_wait_s)
@@ -237,5 +245,5 @@ def _image_routes(service) -> dict[str, ImageRoute]:
 ProductClassifier.add_asgi_middleware(
     RequestGuard, routes=_image_routes(ProductClassifier),
     max_image_bytes=settings.max_image_bytes, max_concurrency=settings.max_concurrency,
-    retry_after_s=settings.retry_after_s,
+    retry_after_s=settings.retry_after_s, api_keys=API_KEYS,
     on_reject=lambda reason: metrics.rejections.labels(reason=reason).inc())

@@ -8,9 +8,10 @@ The batching fields are read when `service/service.py` is imported, because Bent
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.contract import DEFAULT_MAX_PIXELS
@@ -73,6 +74,31 @@ class ServiceSettings(BaseSettings):
     max_images_per_request: int = Field(32, ge=1, description="cap for /classify_batch")
     top_k: int = Field(3, ge=1, description="how many labels each answer lists")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503 answers")
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated keys; when set (or api_key_file), every path but "
+        "open_paths needs 'Authorization: Bearer <key>', else 401")
+    api_key_file: Path | None = Field(
+        None, description="file of API keys, one a line ('#' comments); read at start, joins "
+        "api_keys (a secret mount keeps them out of the environment)")
+    open_paths: str = Field(
+        "/livez,/readyz,/healthz,/metrics", description="comma-separated paths that need no API "
+        "key (health checks and Prometheus scrapes); empty: every path needs one")
+
+    def api_key_list(self) -> list[str]:
+        """The configured keys (env and file), stripped; [] = no access control."""
+        keys = self.api_keys.get_secret_value().split(",") if self.api_keys else []
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as error:
+                raise ValueError(f"CLASSIFIER_API_KEY_FILE={self.api_key_file} cannot be read "
+                                 f"({error.strerror}); mount the key file there or unset it") \
+                    from None
+            keys += [line for line in lines if not line.lstrip().startswith("#")]
+        return [key.strip() for key in keys if key.strip()]
+
+    def open_path_set(self) -> frozenset[str]:
+        return frozenset(p.strip().rstrip("/") for p in self.open_paths.split(",") if p.strip())
 
     @model_validator(mode="after")
     def _budgets_hold_one_image(self) -> ServiceSettings:
