@@ -10,11 +10,22 @@ profile.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from selectolax.lexbor import LexborHTMLParser
+
+from collector.rules import check_patterns
 
 
 class ConfigError(ValueError):
@@ -73,9 +84,51 @@ class SiteProfile(_Strict):
     product_image_attrs: list[str] = Field(
         default_factory=lambda: ["data-old-hires", "srcset", "data-srcset", "data-src", "src"],
         min_length=1, description="like image_attrs, for the product page image")
+    extra: dict[str, str] = Field(
+        default_factory=dict,
+        description="more card fields to keep, name -> CSS selector inside the card (its "
+                    "text), e.g. {price: span.a-price span.a-offscreen}; stored per product "
+                    "and written to the export's manifest.csv as extra_NAME")
 
     _selectors = field_validator("card", "title", "link", "image", "next_page",
                                  "product_image")(_check_selector)
+
+    @field_validator("extra")
+    @classmethod
+    def _check_extra(cls, extra: dict[str, str]) -> dict[str, str]:
+        for name, selector in extra.items():
+            if not name.isidentifier():
+                raise ValueError(f"extra field name {name!r}: use letters, digits and '_'")
+            _check_selector(selector)
+        return extra
+
+
+class TitleRule(_Strict):
+    """Word patterns a product title must (include) or must not (exclude) contain."""
+
+    title_include: list[str] = Field(
+        default_factory=list, description="the title must match one of these (empty: any)")
+    title_exclude: list[str] = Field(
+        default_factory=list, description="a title matching one of these is off topic")
+
+    _patterns = field_validator("title_include", "title_exclude")(check_patterns)
+
+
+class LabelRule(TitleRule):
+    """One rule of a label_rules split: products whose title fits go to `label`."""
+
+    label: str = Field(description="the label a fitting product is filed under")
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, label: str) -> str:
+        return check_label(label)
+
+    @model_validator(mode="after")
+    def _has_include(self) -> LabelRule:
+        if not self.title_include:
+            raise ValueError(f"label rule for {self.label!r} needs title_include patterns")
+        return self
 
 
 class Limits(_Strict):
@@ -91,6 +144,15 @@ class Politeness(_Strict):
     user_agent: str = Field(
         "product-classifier-collector/0.1 (+https://github.com/; dataset building)",
         min_length=1)
+    allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="loopback, private, link-local or reserved networks the crawl may reach "
+                    "besides the start URLs' own addresses (e.g. 10.20.0.0/16 for an intranet "
+                    "CDN); anything else non-public is refused before connecting (SSRF guard)")
+    allow_private_networks: bool = Field(
+        False, description="turn the SSRF guard off: any address may be reached, including "
+                           "127.0.0.1, 169.254.169.254 and private ranges (only for a trusted "
+                           "network)")
 
 
 class Download(_Strict):
@@ -103,6 +165,9 @@ class Download(_Strict):
                          description="retries on connection errors, timeouts, 5xx and 429")
     backoff_base: float = Field(0.5, ge=0, description="first backoff in seconds (doubles)")
     backoff_max: float = Field(30.0, ge=0, description="cap on one backoff or Retry-After wait")
+    max_redirects: int = Field(5, ge=0, le=20,
+                               description="redirects followed per request, each hop checked "
+                                           "like a new URL; more -> too_many_redirects")
 
 
 class Validation(_Strict):
@@ -132,6 +197,18 @@ class SourcesConfig(_Strict):
         description="host[:port] -> profile; a single profile applies to all")
     follow_product_pages: bool = Field(
         False, description="open each product page for the full-size image")
+    title_rules: dict[str, TitleRule] = Field(
+        default_factory=dict,
+        description="label -> title_include / title_exclude patterns: a product whose title "
+                    "contradicts its label is off topic (see off_topic)")
+    off_topic: Literal["reject", "flag"] = Field(
+        "reject", description="off-topic titles: 'reject' (status rejected, reason "
+                              "off_topic_title, never downloaded) or 'flag' (kept, marked for "
+                              "the review page)")
+    label_rules: dict[str, list[LabelRule]] = Field(
+        default_factory=dict,
+        description="category -> rules that split its broad listing into labels by title "
+                    "(first fitting rule wins; no fit: rejected, no_label_rule)")
     limits: Limits = Limits()
     politeness: Politeness = Politeness()
     download: Download = Download()
@@ -171,6 +248,21 @@ class SourcesConfig(_Strict):
                     raise ValueError(f"categories.{label}: no site profile for host "
                                      f"{urlsplit(url).netloc!r} (sites has "
                                      f"{sorted(self.sites)})")
+        return self
+
+    @model_validator(mode="after")
+    def _rules_name_known_labels(self) -> SourcesConfig:
+        for source in self.label_rules:
+            if source not in self.categories:
+                raise ValueError(f"label_rules.{source}: not a category (label_rules split "
+                                 f"a category's listing; categories has "
+                                 f"{sorted(self.categories)})")
+        known = (set(self.categories) | set(self.url_lists) |
+                 {rule.label for rules in self.label_rules.values() for rule in rules})
+        for label in self.title_rules:
+            if label not in known:
+                raise ValueError(f"title_rules.{label}: no such label (labels are "
+                                 f"{sorted(known)})")
         return self
 
     @model_validator(mode="after")

@@ -31,10 +31,10 @@ from rich.progress import (
 
 from collector.config import SourcesConfig
 from collector.dedup import DedupSummary, run_dedup
-from collector.store import ImageStore
 from collector.extract import extract_listing, extract_product_image
 from collector.fetch import Fetched, Fetcher, FetchError
 from collector.manifest import Manifest, open_manifest
+from collector.store import ImageStore
 from collector.validate import ValidImage, validate_image
 from service.contract import ImageDecodeError
 
@@ -353,6 +353,17 @@ def make_progress(console: Console) -> Progress:
                     disable=not console.is_terminal)
 
 
+def start_urls(config: SourcesConfig) -> list[str]:
+    """The URLs the user gave: start pages and listed image URLs (one per host is enough).
+    Their own addresses may be non-public (a shop on 127.0.0.1 or an intranet); nothing a
+    page or a redirect names later gets that allowance."""
+    urls = [url for urls in config.categories.values() for url in urls]
+    for url_file in config.url_lists.values():
+        urls += [line.strip() for line in url_file.read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+    return list({urlsplit(url).netloc: url for url in urls}.values())
+
+
 async def crawl(config: SourcesConfig, console: Console | None = None,
                 retry_failed: bool = False) -> CrawlResult:
     """Crawl everything in `config` into `config.output_dir` (resuming what is there)."""
@@ -363,7 +374,7 @@ async def crawl(config: SourcesConfig, console: Console | None = None,
     if retry_failed:
         manifest.retry_failed()
     try:
-        async with Fetcher(config.politeness, config.download) as fetcher:
+        async with Fetcher(config.politeness, config.download, start_urls(config)) as fetcher:
             with make_progress(console) as progress:
                 return await Crawler(config, manifest, store, fetcher, progress).run()
     finally:

@@ -25,10 +25,12 @@ import asyncio
 import email.utils
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Self
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 from protego import Protego
 from tenacity import (
@@ -40,6 +42,7 @@ from tenacity import (
 )
 
 from collector.config import Download, Politeness
+from collector.network import AddressPolicy, AddressRefused, GuardedBackend
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(520, 530))
 ROBOTS_MAX_BYTES = 512_000       # RFC 9309 asks parsers to read at least 500 KiB
@@ -51,13 +54,22 @@ class FetchError(Exception):
     """A request that did not give a usable response. `reason` is short: http_404, timeout..."""
 
     def __init__(self, reason: str, detail: str = "", http_status: int | None = None,
-                 retryable: bool = False, retry_after: float | None = None):
+                 retryable: bool = False, retry_after: float | None = None,
+                 blocked: bool = False):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.http_status = http_status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.blocked = blocked     # robots.txt or a block page: 'blocked', not 'failed'
+
+
+# (url, status, body) -> a block reason such as "captcha", or None: how a caller recognises
+# a block page behind a redirect hop or an error status (collector.blocks).
+BlockCheck = Callable[[str, int, bytes], str | None]
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+ERROR_BODY_BYTES = 256_000       # read of an error answer, to look for block-page markers
 
 
 @dataclass
@@ -67,6 +79,8 @@ class Fetched:
     content: bytes
     content_type: str
     attempts: int
+    redirects: list[str] = field(default_factory=list)   # the hops before `url`
+    location: str | None = None                          # set on a redirect answer only
 
 
 class RateLimit:
@@ -138,18 +152,29 @@ class Fetcher:
     """`with Fetcher(politeness, download) as f: f.get_sync(url)`; `await f.get(url)` in async
     code (`async with` works too)."""
 
-    def __init__(self, politeness: Politeness, download: Download):
+    def __init__(self, politeness: Politeness, download: Download,
+                 start_urls: Iterable[str] = ()):
         self.politeness = politeness
         self.download = download
+        # The SSRF guard: start URLs' own addresses and allowed_networks may be non-public.
+        self.policy = AddressPolicy.for_crawl(start_urls, politeness.allowed_networks,
+                                              politeness.allow_private_networks)
         self.hosts: dict[str, _Host] = {}
         self._hosts_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "retries": 0, "errors": 0, "bytes": 0}
+        transport = httpx.HTTPTransport(
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        # Every connection, redirect hops included, goes through the address check; httpx
+        # has no public door for a network backend, so it is set on its connection pool.
+        transport._pool._network_backend = GuardedBackend(self.policy)
+        # Redirects are followed here, hop by hop (robots.txt, host limits and the address
+        # check apply to each hop's host); proxies from the environment are not used, since
+        # the guard must see the real destination.
         self.client = httpx.Client(
             headers={"User-Agent": politeness.user_agent, "Accept-Encoding": "gzip, deflate"},
             timeout=httpx.Timeout(download.read_timeout, connect=download.connect_timeout),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            follow_redirects=True, max_redirects=5)
+            transport=transport, follow_redirects=False, trust_env=False)
         # base, 2x base, 4x base ... capped, plus up to `base` of random jitter
         self._backoff = wait_exponential_jitter(multiplier=download.backoff_base,
                                                 max=download.backoff_max,
@@ -196,6 +221,7 @@ class Fetcher:
         host = self._host(url)
         with host.robots_lock:
             if host.robots is None:
+                self._check_address(url)   # a refused host: say so, not "robots unreachable"
                 host.robots = self._load_robots(url)
                 delay = host.robots.crawl_delay(self.politeness.user_agent)
                 if delay and float(delay) > 0 and 1 / float(delay) < host.limiter.rate:
@@ -203,11 +229,21 @@ class Fetcher:
                     host.limiter = RateLimit(1 / float(delay), burst=1)
         return host.robots.can_fetch(url, self.politeness.user_agent)
 
+    def _check_address(self, url: str) -> None:
+        parts = urlsplit(url)
+        try:
+            self.policy.addresses(parts.hostname or "",
+                                  parts.port or (443 if parts.scheme == "https" else 80))
+        except AddressRefused as exc:
+            raise FetchError("refused_address", str(exc)) from None
+        except httpcore.ConnectError:
+            pass                           # unresolvable: the request says so itself
+
     def _load_robots(self, url: str) -> Protego:
         parts = urlsplit(url)
         robots_url = f"{parts.scheme}://{parts.netloc}/robots.txt"
         try:
-            fetched = self.get_sync(robots_url, max_bytes=ROBOTS_MAX_BYTES)
+            fetched = self.get_sync(robots_url, max_bytes=ROBOTS_MAX_BYTES, robots=False)
         except FetchError as exc:
             if exc.http_status is not None and 400 <= exc.http_status < 500:
                 return ALLOW_ALL           # RFC 9309 2.3.1.3: "unavailable"
@@ -215,27 +251,66 @@ class Fetcher:
         return Protego.parse(fetched.content.decode("utf-8", "replace"))
 
     # -- requests ------------------------------------------------------------------------
-    async def get(self, url: str, max_bytes: int | None = None) -> Fetched:
-        return await asyncio.to_thread(self.get_sync, url, max_bytes)
+    async def get(self, url: str, max_bytes: int | None = None, *, robots: bool = True,
+                  block_check: BlockCheck | None = None) -> Fetched:
+        return await asyncio.to_thread(self.get_sync, url, max_bytes, robots=robots,
+                                       block_check=block_check)
 
-    def get_sync(self, url: str, max_bytes: int | None = None) -> Fetched:
-        """GET with politeness and retries; raises FetchError with the last failure."""
+    def pause_host(self, url: str, seconds: float) -> None:
+        """No request to this URL's host for `seconds` (a block page: back off)."""
+        host = self._host(url)
+        host.paused_until = max(host.paused_until, time.monotonic() + seconds)
+
+    def get_sync(self, url: str, max_bytes: int | None = None, *, robots: bool = True,
+                 block_check: BlockCheck | None = None) -> Fetched:
+        """GET with politeness and retries, following redirects hop by hop; raises FetchError
+        with the last failure. Each hop is a new URL: robots.txt (when `robots`), its host's
+        limits and the address check apply to it, and `block_check` sees its URL."""
         max_bytes = max_bytes or self.download.max_bytes
+        hops: list[str] = []
+        attempts = 0
+        try:
+            while True:
+                if robots and not self.allowed_sync(url):
+                    raise FetchError("robots", f"{url} is disallowed by robots.txt",
+                                     blocked=True)
+                fetched = self._with_retries(url, max_bytes, block_check)
+                attempts += fetched.attempts
+                if fetched.location is None:
+                    fetched.attempts, fetched.redirects = attempts, hops
+                    return fetched
+                target = urljoin(url, fetched.location).split("#", 1)[0]
+                if urlsplit(target).scheme not in ("http", "https"):
+                    raise FetchError("bad_redirect", f"{url} -> {target}",
+                                     http_status=fetched.status)
+                hops.append(url)
+                if len(hops) > self.download.max_redirects:
+                    raise FetchError("too_many_redirects",
+                                     f"more than {self.download.max_redirects} "
+                                     f"(download.max_redirects), last {url} -> {target}",
+                                     http_status=fetched.status)
+                reason = block_check(target, fetched.status, b"") if block_check else None
+                if reason:
+                    raise FetchError(reason, f"redirected to {target}",
+                                     http_status=fetched.status, blocked=True)
+                url = target
+        except FetchError:
+            self._count("errors")
+            raise
+
+    def _with_retries(self, url: str, max_bytes: int,
+                      block_check: BlockCheck | None) -> Fetched:
         attempts = 0
         retrying = Retrying(
             stop=stop_after_attempt(self.download.retries + 1),
             retry=retry_if_exception(lambda e: isinstance(e, FetchError) and e.retryable),
             wait=self._wait, reraise=True, before_sleep=lambda _: self._count("retries"))
-        try:
-            for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    result = self._once(url, max_bytes)
-                    result.attempts = attempts
-                    return result
-        except FetchError:
-            self._count("errors")
-            raise
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
+                result = self._once(url, max_bytes, block_check)
+                result.attempts = attempts
+                return result
         raise AssertionError("unreachable")
 
     def _wait(self, state: RetryCallState) -> float:
@@ -244,7 +319,7 @@ class Fetcher:
             return min(exc.retry_after, self.download.backoff_max)
         return self._backoff(state)
 
-    def _once(self, url: str, max_bytes: int) -> Fetched:
+    def _once(self, url: str, max_bytes: int, block_check: BlockCheck | None) -> Fetched:
         host = self._host(url)
         with host.semaphore:
             pause = host.paused_until - time.monotonic()
@@ -253,20 +328,33 @@ class Fetcher:
             host.limiter.acquire()
             self._count("requests")
             try:
-                return self._stream(url, max_bytes, host)
+                return self._stream(url, max_bytes, host, block_check)
+            except AddressRefused as exc:
+                raise FetchError("refused_address", str(exc)) from None
             except httpx.TimeoutException as exc:
                 raise FetchError("timeout", type(exc).__name__, retryable=True) from None
-            except httpx.TooManyRedirects as exc:
-                raise FetchError("too_many_redirects", str(exc)) from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise FetchError("connection_error", f"{type(exc).__name__}: {exc}",
                                  retryable=True) from None
 
-    def _stream(self, url: str, max_bytes: int, host: _Host) -> Fetched:
+    def _stream(self, url: str, max_bytes: int, host: _Host,
+                block_check: BlockCheck | None) -> Fetched:
         deadline = time.monotonic() + self.download.total_timeout
         with self.client.stream("GET", url) as response:
             status = response.status_code
+            location = response.headers.get("Location")
+            if status in REDIRECT_STATUSES and location:
+                return Fetched(url, status, b"", "", attempts=1, location=location)
             if status >= 400:
+                if block_check is not None:   # a captcha behind a 503 is a block, not an outage
+                    try:
+                        body = read_capped(response, ERROR_BODY_BYTES, deadline)
+                    except FetchError:
+                        body = b""
+                    reason = block_check(str(response.url), status, body)
+                    if reason:
+                        raise FetchError(reason, f"block page with HTTP {status}",
+                                         http_status=status, blocked=True)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if retry_after is not None and status in (429, 503):
                     host.paused_until = max(host.paused_until, time.monotonic() +

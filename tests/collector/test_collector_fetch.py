@@ -28,7 +28,8 @@ def product_with(shop, fault: str):
 def fetch(url: str, *, politeness: Politeness | None = None, **download):
     async def go():
         async with Fetcher(politeness or Politeness(requests_per_second_per_host=100),
-                           Download(**{"backoff_base": 0.05, **download})) as fetcher:
+                           Download(**{"backoff_base": 0.05, **download}),
+                           start_urls=[url]) as fetcher:
             try:
                 return await fetcher.get(url), fetcher
             except FetchError as exc:
@@ -81,7 +82,7 @@ def test_collector_read_timeout_is_retried_then_reported(shop):
 
 def test_collector_robots_txt(shop):
     async def go(politeness, url):
-        async with Fetcher(politeness, Download(retries=0)) as fetcher:
+        async with Fetcher(politeness, Download(retries=0), start_urls=[url]) as fetcher:
             return await fetcher.allowed(url)
 
     polite = Politeness()
@@ -97,7 +98,7 @@ def test_collector_robots_crawl_delay_slows_the_host():
     try:
         async def go():
             async with Fetcher(Politeness(requests_per_second_per_host=50),
-                               Download(retries=0)) as fetcher:
+                               Download(retries=0), start_urls=[slow_site.url]) as fetcher:
                 assert await fetcher.allowed(slow_site.url + "/search?q=hat")
                 host = fetcher.hosts[slow_site.url.split("//")[1]]
                 return host.limiter.rate
