@@ -9,6 +9,7 @@ profile.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -37,6 +38,22 @@ class _Strict(BaseModel):
 
 
 _PROBE = LexborHTMLParser("<html><body></body></html>")
+
+# What marketplaces answer a client they take for a bot (a 200 or 503 page with no products),
+# for the Amazon and Flipkart families; every profile starts from these (collector.blocks).
+BLOCK_TEXT = (
+    "Enter the characters you see below",                          # Amazon's captcha
+    "Type the characters you see in this image",
+    "Sorry, we just need to make sure you're not a robot",
+    "To discuss automated access to Amazon data please contact",
+    "Robot Check",                                                 # its <title>
+    "Are you a human?",                                            # Flipkart
+)
+BLOCK_SELECTORS = (
+    'form[action*="validateCaptcha"]', "#captchacharacters",      # Amazon
+    ".g-recaptcha", 'iframe[src*="recaptcha"]', 'script[src*="recaptcha"]',  # reCAPTCHA
+)
+BLOCK_URL_PATTERNS = (r"/errors/validateCaptcha", r"(?i)/captcha(?:[/?.]|$)")
 
 
 def _check_selector(value: str | None) -> str | None:
@@ -90,8 +107,42 @@ class SiteProfile(_Strict):
                     "text), e.g. {price: span.a-price span.a-offscreen}; stored per product "
                     "and written to the export's manifest.csv as extra_NAME")
 
+    block_text: list[str] = Field(
+        default_factory=lambda: list(BLOCK_TEXT),
+        description="text of a block page (captcha, bot check), matched case-insensitively "
+                    "on a page without products; the default covers the Amazon and Flipkart "
+                    "families")
+    block_selectors: list[str] = Field(
+        default_factory=lambda: list(BLOCK_SELECTORS),
+        description="CSS selectors found on block pages (a captcha form, reCAPTCHA)")
+    block_url_patterns: list[str] = Field(
+        default_factory=lambda: list(BLOCK_URL_PATTERNS),
+        description="regular expressions of block-page URLs, checked on every redirect "
+                    "hop too (e.g. /errors/validateCaptcha)")
+    empty_listing_is_block: bool = Field(
+        True, description="a listing page with no product cards counts as a block page "
+                          "(no_cards): shops answer bots with pages that look normal but hold "
+                          "no results; turn off if a category may really be empty")
+
     _selectors = field_validator("card", "title", "link", "image", "next_page",
                                  "product_image")(_check_selector)
+
+    @field_validator("block_selectors")
+    @classmethod
+    def _check_block_selectors(cls, selectors: list[str]) -> list[str]:
+        for selector in selectors:
+            _check_selector(selector)
+        return selectors
+
+    @field_validator("block_url_patterns")
+    @classmethod
+    def _check_block_url_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return patterns
 
     @field_validator("extra")
     @classmethod
@@ -153,6 +204,13 @@ class Politeness(_Strict):
         False, description="turn the SSRF guard off: any address may be reached, including "
                            "127.0.0.1, 169.254.169.254 and private ranges (only for a trusted "
                            "network)")
+    block_retries: int = Field(
+        3, ge=0, le=20, description="block pages (captcha, no cards) a host may answer in a "
+                                    "row before the crawl stops it; each one pauses the host")
+    block_pause: float = Field(
+        60.0, ge=0, description="seconds a host is paused after its first block page; "
+                                "doubles with each further one")
+    block_pause_max: float = Field(900.0, ge=0, description="cap on one block-page pause")
 
 
 class Download(_Strict):
