@@ -226,6 +226,10 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
                       f"{int8_rate:.0f} vs {fp32_rate:.0f} images/s fp32 at batch {batch} "
                       f"({int8_rate / fp32_rate:.2f}x)")
 
+    from trainer.variants import gate_variants  # every servable runtime + precision vs torch
+
+    report["accuracy_gate"] = gate_variants(fp32_path, int8_path, images, labels, theirs,
+                                            console=console)
     tag = None
     if save:
         from service.model_store import save_to_store

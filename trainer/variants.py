@@ -109,7 +109,7 @@ def gate_variants(fp32_path: Path, int8_path: Path | None, images: np.ndarray,
     passed = [name for name, entry in entries.items() if entry["passed"]]
     default = max(passed, key=lambda name: entries[name]["images_per_s"])
     gate = {"budget": budget, "reference": REFERENCE, "reference_val_acc": reference,
-            "val_images": int(len(labels)), "torch_val_acc": float((torch_top1 == labels).mean()),
+            "val_images": len(labels), "torch_val_acc": float((torch_top1 == labels).mean()),
             "speed": f"images/s at batch {SPEED_BATCH}, {threads} threads, on the export machine",
             "default": default, "variants": entries}
     write_gate(fp32_path, gate)
