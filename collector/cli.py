@@ -14,6 +14,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -24,6 +25,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from collector.config import ConfigError, load_sources
@@ -122,6 +124,114 @@ class Crawl(BaseModel):
             f"conflicts")
         for table in status_tables(config.output_dir):
             out.print(table)
+
+
+class Check(BaseModel):
+    """Fetch one listing page with its site profile and show what the collector reads
+    there: cards, ids, titles, image URLs (the first few downloaded: pixel size, bytes,
+    kept or why not), the next link, and any block-page marker. Adapt the profile in
+    SOURCES until this looks right, then crawl. Exits 1 when the page has no products."""
+
+    sources: CliPositionalArg[Path] = Field(description="sources YAML with the site profile")
+    url: str | None = Field(None, description="the listing page to check; default: the first "
+                                              "start URL (of --label)")
+    label: str | None = Field(None, description="take the start URL of this label")
+    html: Path | None = Field(None, description="read this saved page instead of fetching it "
+                                                "(the URL still picks the profile and resolves "
+                                                "relative links)")
+    images: int = Field(3, ge=0, le=50, description="download the first N images to show their "
+                                                     "size and whether validation keeps them")
+    cards: int = Field(20, ge=1, description="list at most this many cards")
+
+    def cli_cmd(self) -> None:
+        try:
+            config = load_sources(self.sources)
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        url = self.url or _start_url(config, self.label)
+        raise SystemExit(asyncio.run(check_page(config, url, self.html, self.images,
+                                                self.cards)))
+
+
+def say(message: str) -> None:
+    out.print(message, soft_wrap=True)   # one line each: easy to read, grep and test
+
+
+def _start_url(config, label: str | None) -> str:
+    if label is not None and label not in config.categories:
+        raise SystemExit(f"error: no label {label!r} under categories (there are "
+                         f"{sorted(config.categories)})")
+    labels = [label] if label else sorted(config.categories)
+    if not labels:
+        raise SystemExit("error: no categories in the sources file; pass --url")
+    return config.categories[labels[0]][0]
+
+
+async def check_page(config, url: str, html_file: Path | None, n_images: int,
+                     n_cards: int) -> int:
+    """Print what a crawl would read on `url`; 0 when it finds products, else 1."""
+    from collector.blocks import block_check, listing_verdict
+    from collector.extract import extract_listing
+    from collector.fetch import Fetcher, FetchError
+    from collector.validate import validate_image
+    from service.contract import ImageDecodeError
+
+    try:
+        profile = config.profile_for(url)
+    except KeyError:
+        console.print(f"[red]no site profile for {urlsplit(url).netloc!r}[/] (sites has "
+                      f"{sorted(config.sites)}): add one under 'sites'")
+        return 1
+    async with Fetcher(config.politeness, config.download, [url]) as fetcher:
+        if html_file is not None:
+            page, final_url = html_file.read_text(errors="replace"), url
+            console.print(f"page: {html_file} (as {url})")
+        else:
+            try:
+                fetched = await fetcher.get(url, block_check=block_check(profile))
+            except FetchError as exc:
+                kind = "block page" if exc.blocked and exc.reason != "robots" else "failed"
+                console.print(f"[red]{kind}: {exc.reason}[/] {escape(exc.detail)}")
+                return 1
+            page, final_url = fetched.content.decode("utf-8", "replace"), fetched.url
+            hops = " -> ".join([*fetched.redirects, fetched.url])
+            console.print(f"page: {hops}  (HTTP {fetched.status}, {len(fetched.content):,} "
+                          f"bytes, {fetched.attempts} attempt(s))")
+        listing = extract_listing(page, final_url, profile)
+        table = Table(title=f"{len(listing.products)} products (card {profile.card!r})")
+        for column in ("#", "id", "title", "image", "size"):
+            table.add_column(column, overflow="fold")
+        for i, product in enumerate(listing.products[:n_cards]):
+            size = ""
+            if i < n_images and product.image_url:
+                try:
+                    image = await fetcher.get(product.image_url)
+                    valid = validate_image(image.content, config.validation)
+                    size = f"{valid.width}x{valid.height} {valid.format} {len(image.content):,} B"
+                except FetchError as exc:
+                    size = f"[red]{exc.reason}"
+                except ImageDecodeError as exc:
+                    size = f"[red]{exc.reason}[/] {escape(exc.detail)}"
+            table.add_row(str(product.position), escape(product.product_id[:40]),
+                          escape(product.title[:60]),
+                          escape(product.image_url) if product.image_url else "[red]no image",
+                          size)
+        out.print(table)
+        say(f"next page: {escape(listing.next_url or 'none')}"
+            f"{'' if profile.next_page else ' (no next_page selector)'}")
+        say(f"cards skipped (no id): {listing.skipped_cards}; cards without an image: "
+            f"{listing.cards_without_image}")
+        verdict = listing_verdict(page, final_url, profile, len(listing.products))
+        if verdict:
+            reason, seen = verdict
+            say(f"[red]block page: {reason}[/] ({escape(seen)}). A shop shows this to clients "
+                "it takes for bots; the collector does not solve captchas or change "
+                "identity. Try later, slower (politeness.requests_per_second_per_host).")
+        else:
+            say("block-page markers: none")
+        if not listing.products and not verdict:
+            say("no products: check the card selector in your browser's inspector")
+    return 0 if listing.products else 1
 
 
 _DATA_HELP = "the collection folder (output_dir) that holds manifest.sqlite"
@@ -253,6 +363,8 @@ class Collector(BaseSettings, cli_prog_name="collector", cli_kebab_case=True,
     """
 
     crawl: CliSubCommand[Crawl] = Field(description="crawl sources into the manifest (resumes)")
+    check: CliSubCommand[Check] = Field(description="show what a profile reads on one listing "
+                                                    "page (before a long crawl)")
     status: CliSubCommand[Status] = Field(description="show the manifest's state")
     review: CliSubCommand[Review] = Field(description="look at, fix and approve the images "
                                                       "in a browser")
@@ -264,7 +376,7 @@ class Collector(BaseSettings, cli_prog_name="collector", cli_kebab_case=True,
         CliApp.run_subcommand(self)
 
 
-for _command in (Crawl, Status, Review, Rank, Export, Collector):  # help shows docstrings as written
+for _command in (Crawl, Check, Status, Review, Rank, Export, Collector):  # help shows docstrings as written
     _command.__doc__ = inspect.cleandoc(_command.__doc__ or "")
 
 
