@@ -263,6 +263,11 @@ class SourcesConfig(_Strict):
         "reject", description="off-topic titles: 'reject' (status rejected, reason "
                               "off_topic_title, never downloaded) or 'flag' (kept, marked for "
                               "the review page)")
+    attributes: dict[str, dict[str, list[str]]] = Field(
+        default_factory=dict,
+        description="attribute -> value -> title patterns, e.g. {colour: {red: [red, "
+                    "maroon], blue: [blue, navy]}}: each product gets the one value its "
+                    "title names, 'unknown' when none or several match")
     label_rules: dict[str, list[LabelRule]] = Field(
         default_factory=dict,
         description="category -> rules that split its broad listing into labels by title "
@@ -307,6 +312,23 @@ class SourcesConfig(_Strict):
                                      f"{urlsplit(url).netloc!r} (sites has "
                                      f"{sorted(self.sites)})")
         return self
+
+    @field_validator("attributes")
+    @classmethod
+    def _check_attributes(cls, attributes: dict[str, dict[str, list[str]]]):
+        for name, values in attributes.items():
+            if not name.isidentifier():
+                raise ValueError(f"attribute name {name!r}: use letters, digits and '_'")
+            if not values:
+                raise ValueError(f"attribute {name!r} has no values")
+            for value, patterns in values.items():
+                if value == "unknown":
+                    raise ValueError(f"attribute {name!r}: 'unknown' is reserved (it means "
+                                     "no value or several matched)")
+                if not patterns:
+                    raise ValueError(f"attribute {name!r}, value {value!r}: no patterns")
+                check_patterns(patterns)
+        return attributes
 
     @model_validator(mode="after")
     def _rules_name_known_labels(self) -> SourcesConfig:

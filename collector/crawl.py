@@ -34,6 +34,7 @@ from collector.dedup import DedupSummary, run_dedup
 from collector.extract import extract_listing, extract_product_image
 from collector.fetch import Fetched, Fetcher, FetchError
 from collector.manifest import Manifest, open_manifest
+from collector.rules import apply_rules, decide
 from collector.store import ImageStore
 from collector.validate import ValidImage, validate_image
 from service.contract import ImageDecodeError
@@ -111,6 +112,7 @@ class Crawler:
                     self.manifest.add_page(url, label, "listing", 1)
             for label, url_file in self.config.url_lists.items():
                 self.seed_url_list(label, url_file)
+        apply_rules(self.manifest, self.config)   # rules edited since the last run: re-file
         self.check_files()
         for row in self.manifest.query(
                 "SELECT url, path, bytes, width, height, format, sha256, phash, http_status "
@@ -179,23 +181,35 @@ class Crawler:
         new: list[tuple[str, int]] = []
         with self.manifest.transaction():
             for product in listing.products:
-                if self.manifest.count_products(label) >= limit:
-                    break
+                # Title rules: which label (label_rules) and whether it is on topic.
+                decision = decide(self.config, label, product.title)
+                target = decision.label
+                if not decision.reject_reason and self.manifest.count_products(target) >= limit:
+                    if target == label:
+                        break
+                    continue                 # a split label is full; others may not be
                 shop = urlsplit(product.image_url or product.product_url or url).netloc
-                if self.manifest.has_product(label, shop, product.product_id):
+                if self.manifest.has_product(target, shop, product.product_id):
                     continue                 # the same product on another page: once
-                if self.config.follow_product_pages and product.product_url:
+                if (self.config.follow_product_pages and product.product_url
+                        and not decision.reject_reason):
                     page_id = self.manifest.add_page(
-                        product.product_url, label, "product", page["page_no"], url,
+                        product.product_url, target, "product", page["page_no"], url,
                         product.product_id, product.title)
                     if page_id:
                         new.append(("product", page_id, product.product_url))
                 elif product.image_url:
                     image_id = self.manifest.add_image(
-                        product.image_url, label, product_id=product.product_id,
+                        product.image_url, target, product_id=product.product_id,
                         product_title=product.title, product_url=product.product_url,
-                        page_url=url, shop=shop, position=product.position)
-                    if image_id:
+                        page_url=url, shop=shop, position=product.position, found_under=label,
+                        title_verdict=decision.title_verdict, title_rule=decision.title_rule,
+                        extra=product.extra)
+                    if image_id and decision.reject_reason:   # recorded, never downloaded
+                        self.manifest.mark_unusable(image_id, "rejected",
+                                                    decision.reject_reason,
+                                                    decision.title_rule or "")
+                    elif image_id:
                         new.append(("image", image_id, product.image_url))
             next_url = listing.next_url
             if (next_url and page["page_no"] < self.config.limits.max_pages
@@ -342,6 +356,7 @@ class Crawler:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             self.flush()       # also on Ctrl-C: keep every finished image
+        apply_rules(self.manifest, self.config)   # fills title columns of product-page rows
         dedup = run_dedup(self.manifest, self.config.dedup.hamming_threshold)
         return CrawlResult(self.stats, dedup, dict(self.fetcher.stats))
 

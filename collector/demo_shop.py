@@ -28,6 +28,9 @@ every run, and every resumed run, meets the same ones:
   missing   404                                  -> failed: http_404
   robots    image under /private/ (disallowed)   -> blocked: robots
   dupes     same product on two pages and under two categories
+  offtopic  a product titled "<Label> gift card": its title contradicts its label
+                                                 -> rejected: off_topic_title (the sources
+                                                    file write_sources writes excludes it)
 `/_plan.json` lists which product got which fault, for tests and curious users.
 """
 
@@ -50,10 +53,11 @@ import yaml
 from PIL import Image
 
 FAULTS = ("429", "500", "slow", "truncated", "corrupt", "html", "webp", "bomb", "tiny",
-          "missing", "robots", "dupes")
+          "missing", "robots", "dupes", "offtopic")
 # How many products per label each fault hits (deterministic: chosen by hash of the id).
 _FAULT_SHARE = {"429": 1, "500": 2, "slow": 1, "truncated": 1, "corrupt": 1, "html": 1,
-                "webp": 2, "bomb": 0, "tiny": 0, "missing": 0, "robots": 0}
+                "webp": 2, "bomb": 0, "tiny": 0, "missing": 0, "robots": 0, "offtopic": 0}
+OFF_TOPIC = "gift card"   # what the offtopic fault's title says; write_sources excludes it
 PER_PAGE = 12
 WIDTHS = (200, 300)     # smaller srcset candidates; the original is the largest
 _PLACEHOLDER = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
@@ -123,6 +127,8 @@ def build_plan(catalog: Path, faults: set[str], per_label: int | None = None) ->
         count = share * len(labels) if share else 1
         for pid in plain[cursor:cursor + count]:
             products[pid].faults.add(fault)
+            if fault == "offtopic":     # a search lists what its title says is no such thing
+                products[pid].title = f"{products[pid].label.title()} {OFF_TOPIC}"
         cursor += count
     if "dupes" in faults:
         for i, label in enumerate(labels):
@@ -359,6 +365,10 @@ def write_sources(shop: DemoShop, path: Path, output_dir: str = "collected") -> 
         "download": {"retries": 4, "backoff_base": 0.2, "backoff_max": 5},
         "validation": {"min_side": 64},
     }
+    if "offtopic" in shop.faults:   # every label turns away a title naming something else
+        config["title_rules"] = {label: {"title_exclude": [f"{OFF_TOPIC}*"]}
+                                 for label in sorted(shop.plan.listings)}
+        config["off_topic"] = "reject"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# Written by collector.demo_shop for the shop at {shop.url}\n" +
                     yaml.safe_dump(config, sort_keys=False))

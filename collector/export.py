@@ -13,7 +13,9 @@ leaves no half dataset):
 
     OUT/train/LABEL/SHA.jpg, OUT/val/..., OUT/test/...
     OUT/manifest.csv   split, label, file, sha256, phash, group_id (the cluster's smallest
-                       sha256), url, product, page, size; sorted by split, label, file
+                       sha256), url, product, page, size, title verdict and rule,
+                       extra_NAME (card fields), attr_NAME (attribute values); sorted by
+                       split, label, file
     OUT/stats.json     images per label and split, rejects by reason, settings
     OUT.zip            optional, the same tree in one archive to hand over
 """
@@ -116,9 +118,15 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts: dict[str, dict[str, int]] = {}
+    extras = [_json(r["extra"]) for r in rows]
+    attributes = [_json(r["attributes"]) for r in rows]
+    extra_names = sorted({name for e in extras for name in e})
+    attribute_names = sorted({name for a in attributes for name in a})
     fields = ["split", "label", "file", "sha256", "phash", "group_id", "width", "height",
               "bytes", "format", "url", "product_id", "product_title", "product_url",
-              "page_url", "review_status", "original_label"]
+              "page_url", "review_status", "original_label", "found_under", "title_verdict",
+              "title_rule", *(f"extra_{n}" for n in extra_names),
+              *(f"attr_{n}" for n in attribute_names)]
     with open(tmp / "manifest.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -139,7 +147,10 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
                 "url": row["url"], "product_id": row["product_id"],
                 "product_title": row["product_title"], "product_url": row["product_url"],
                 "page_url": row["page_url"], "review_status": row["review_status"],
-                "original_label": row["label"]})
+                "original_label": row["label"], "found_under": row["found_under"],
+                "title_verdict": row["title_verdict"], "title_rule": row["title_rule"],
+                **{f"extra_{n}": extras[i].get(n, "") for n in extra_names},
+                **{f"attr_{n}": attributes[i].get(n, "") for n in attribute_names}})
     rejects = {f"{status}: {reason}": n for (status, reason), n in manifest.reasons().items()}
     stats = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -170,6 +181,10 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
                                   compress_type=compress)
         os.replace(partial, zip_path)
     return ExportResult(out_dir, counts, rejects, zip_path)
+
+
+def _json(text: str | None) -> dict:
+    return json.loads(text) if text else {}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -28,6 +28,7 @@ class Product:
     product_url: str | None
     image_url: str | None
     position: int
+    extra: dict[str, str] = field(default_factory=dict, compare=False)  # profile.extra fields
 
 
 @dataclass
@@ -175,7 +176,10 @@ def extract_listing(html: str, page_url: str, profile: SiteProfile) -> ListingPa
         product_id = raw_id or product_url or image_url
         if not product_id:  # nothing to identify or fetch: not a product
             continue
-        page.products.append(Product(product_id, title, product_url, image_url, position))
+        extra = {name: text for name, selector in profile.extra.items()
+                 if (text := _text(card.css_first(selector)))}
+        page.products.append(Product(product_id, title, product_url, image_url, position,
+                                     extra))
     if profile.next_page:
         next_node = tree.css_first(profile.next_page)
         if next_node is not None:

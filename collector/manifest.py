@@ -20,14 +20,20 @@ images: one row per (label, image url) discovered.
     created_at, updated_at, downloaded_at (unix seconds),
     review_status ('approved' | 'rejected' | NULL = not reviewed),
     review_label (relabelled to; the effective label is COALESCE(review_label, label)),
-    review_reason, reviewed_at.
+    review_reason, reviewed_at,
+    found_under (the category whose listing found it; differs from label when label_rules
+    split that listing), title_verdict ('on_topic' | 'off_topic' | 'unmatched' | NULL = no
+    rule applies or no title), title_rule (the rule that decided, e.g. "exclude 'blouse'"),
+    extra (JSON: the site profile's extra card fields, e.g. {"price": "$19.99"}),
+    attributes (JSON: attribute -> value from the attribute rules, "unknown" when unclear).
 
     status, in the order an image moves through them:
       pending     discovered on a page, not downloaded yet (resume retries these)
       failed      download gave up: reason http_404, http_500, timeout, too_large, ...
       blocked     robots.txt disallows the image url
       rejected    bytes are not a usable image: reason not_an_image, corrupt, empty,
-                  too_many_pixels (decompression bomb), too_small
+                  too_many_pixels (decompression bomb), too_small; or its title ruled it
+                  out (not downloaded): off_topic_title, no_label_rule (detail: the rule)
       downloaded  valid, hashed and stored; waiting for the dedup pass
       ok          kept: the representative of its near-duplicate cluster within its label
       duplicate   same or near-same image as `dup_of` in the same label (reason
@@ -50,6 +56,7 @@ either status = 'ok', or review_status = 'approved' and status is 'duplicate' or
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -74,6 +81,11 @@ EXPORTABLE_SQL = (
 )
 # Rows whose bytes are valid and stored (the dedup pass works on these).
 STORED_STATUSES = ("downloaded", "ok", "duplicate", "conflict")
+# Rejections decided by title rules (not by the bytes): re-applying rules may undo them.
+RULE_REASONS = ("off_topic_title", "no_label_rule")
+# Columns added after schema version 1: older manifests get them on open.
+_ADDED_COLUMNS = {"found_under": "TEXT", "title_verdict": "TEXT", "title_rule": "TEXT",
+                  "extra": "TEXT", "attributes": "TEXT"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -131,6 +143,11 @@ CREATE TABLE IF NOT EXISTS images (
     review_label  TEXT,
     review_reason TEXT,
     reviewed_at   REAL,
+    found_under   TEXT,
+    title_verdict TEXT,
+    title_rule    TEXT,
+    extra         TEXT,
+    attributes    TEXT,
     UNIQUE (label, url)
 );
 CREATE INDEX IF NOT EXISTS images_status ON images (status);
@@ -158,6 +175,10 @@ class Manifest:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.executescript(_SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
         self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),))
 
@@ -212,15 +233,18 @@ class Manifest:
     def add_image(self, url: str, label: str, *, product_id: str | None = None,
                   product_title: str | None = None, product_url: str | None = None,
                   page_url: str | None = None, shop: str | None = None,
-                  position: int | None = None) -> int | None:
+                  position: int | None = None, found_under: str | None = None,
+                  title_verdict: str | None = None, title_rule: str | None = None,
+                  extra: dict[str, str] | None = None) -> int | None:
         """Record a discovered image: its id, or None if (label, url) is already known."""
         now = time.time()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO images (url, label, product_id, product_title, product_url, "
-            "page_url, shop, position, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "page_url, shop, position, found_under, title_verdict, title_rule, extra, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (url, label, product_id, product_title, product_url, page_url, shop, position,
-             now, now))
+             found_under, title_verdict, title_rule,
+             json.dumps(extra, sort_keys=True) if extra else None, now, now))
         return cur.lastrowid if cur.rowcount == 1 else None
 
     def has_product(self, label: str, shop: str | None, product_id: str) -> bool:
@@ -232,9 +256,11 @@ class Manifest:
         return row is not None
 
     def count_products(self, label: str) -> int:
-        """Images discovered for a label plus product pages still to open (limit checks)."""
-        images = self.db.execute("SELECT COUNT(*) FROM images WHERE label = ?",
-                                 (label,)).fetchone()[0]
+        """Images discovered for a label plus product pages still to open (limit checks);
+        products its title rules turned away do not count."""
+        images = self.db.execute(
+            "SELECT COUNT(*) FROM images WHERE label = ? AND NOT (status = 'rejected' AND "
+            f"reason IN {RULE_REASONS!r})", (label,)).fetchone()[0]
         pages = self.db.execute(
             "SELECT COUNT(*) FROM pages WHERE label = ? AND kind = 'product' AND status != 'done'",
             (label,)).fetchone()[0]
@@ -332,6 +358,22 @@ class Manifest:
                 "SELECT label, status, COUNT(*) FROM images GROUP BY label, status"):
             out.setdefault(row[0], {})[row[1]] = row[2]
         return out
+
+    def attribute_counts(self) -> dict[str, dict[str, int]]:
+        """{attribute: {value: images}} over the images export would write."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self.db.execute(
+                f"SELECT a.key, a.value, COUNT(*) FROM images, json_each(images.attributes) a "
+                f"WHERE attributes IS NOT NULL AND {EXPORTABLE_SQL} GROUP BY 1, 2 ORDER BY 1, 2"):
+            out.setdefault(row[0], {})[row[1]] = row[2]
+        return out
+
+    def title_counts(self) -> dict[str, int]:
+        """{title_verdict: images} among stored images (flagged ones are 'off_topic')."""
+        marks = ",".join("?" * len(STORED_STATUSES))
+        return {row[0]: row[1] for row in self.db.execute(
+            f"SELECT title_verdict, COUNT(*) FROM images WHERE title_verdict IS NOT NULL "
+            f"AND status IN ({marks}) GROUP BY 1", STORED_STATUSES)}
 
     def page_counts(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self.db.execute(

@@ -245,6 +245,7 @@ class ImageQueryModel(BaseModel):
     min_suspect: float | None = Field(None, ge=0, le=1)
     confident_only: bool = False
     text: str | None = Field(None, max_length=200)
+    title: Literal["all", "off_topic", "on_topic"] = "all"
     sort: Literal["id", "suspect"] = "id"
     cursor: str | None = None
     limit: int = Field(60, ge=1, le=500)

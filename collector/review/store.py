@@ -73,6 +73,8 @@ Action = Literal["approve", "reject", "relabel", "accept_suggestion", "clear"]
 ReviewFilter = Literal["all", "todo", "approved", "rejected", "relabelled"]
 StatusFilter = Literal["all", "ok", "duplicate", "conflict", "downloaded"]
 GroupKind = Literal["all", "duplicate", "conflict"]
+# off_topic: a title rule flagged it (sources.yaml `off_topic: flag`)
+TitleFilter = Literal["all", "off_topic", "on_topic"]
 
 _STORED = "(" + ",".join(f"'{s}'" for s in STORED_STATUSES) + ")"
 # Cards show only images whose bytes are stored; failed/blocked/unusable rows have no picture.
@@ -83,7 +85,8 @@ _COLUMNS = f"""
     i.id, i.label, {EFFECTIVE_LABEL_SQL} AS effective_label, i.status, i.reason, i.group_id,
     i.dup_of, i.shop, i.product_id, i.product_title, i.product_url, i.page_url, i.url,
     i.width, i.height, i.bytes, i.sha256, i.path, i.review_status, i.review_label,
-    i.review_reason, i.reviewed_at, ({EXPORTABLE_SQL}) AS exported,
+    i.review_reason, i.reviewed_at, i.title_verdict, i.title_rule, i.extra, i.attributes,
+    ({EXPORTABLE_SQL}) AS exported,
     p.predicted_label, p.predicted_prob, p.self_confidence, p.suspect_score, p.confident,
     (SELECT COUNT(*) FROM images g WHERE g.group_id = i.group_id) AS group_size
 """
@@ -111,6 +114,7 @@ class ImageQuery:
     min_suspect: float | None = None
     confident_only: bool = False
     text: str | None = None
+    title: TitleFilter = "all"
     sort: Literal["id", "suspect"] = "id"
     cursor: str | None = None
     limit: int = 60
@@ -416,6 +420,9 @@ def build_page_query(query: ImageQuery) -> tuple[str, list, str, list]:
         args.append(query.min_suspect)
     if query.confident_only:
         where.append("p.confident = 1")
+    if query.title != "all":
+        where.append("i.title_verdict = ?")
+        args.append(query.title)
     if query.text:
         where.append("i.product_title LIKE ? ESCAPE '\\'")
         escaped = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -444,6 +451,8 @@ def build_page_query(query: ImageQuery) -> tuple[str, list, str, list]:
 
 def _card(row: sqlite3.Row) -> dict:
     card = dict(row)
+    for key in ("extra", "attributes"):
+        card[key] = json.loads(card[key]) if card[key] else {}
     card["exported"] = bool(card["exported"])
     card["confident"] = bool(card["confident"]) if card["confident"] is not None else None
     card.pop("path", None)

@@ -31,7 +31,7 @@ def test_collector_faults_are_met_and_handled(crawled, faulty_shop):
     expected = {"truncated": ("rejected", "corrupt"), "corrupt": ("rejected", "corrupt"),
                 "html": ("rejected", "not_an_image"), "bomb": ("rejected", "too_many_pixels"),
                 "tiny": ("rejected", "too_small"), "missing": ("failed", "http_404"),
-                "robots": ("blocked", "robots")}
+                "robots": ("blocked", "robots"), "offtopic": ("rejected", "off_topic_title")}
     images = by_product(crawled)
     seen = Counter()
     for (label, pid), row in images.items():
