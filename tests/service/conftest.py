@@ -1,7 +1,9 @@
-"""Service fixtures: a real (tiny) ONNX CNN with contract metadata, and a real `bentoml serve`."""
+"""Service fixtures: a model exported by `trainer export`, a tiny hand-built ONNX CNN for what
+needs a model of a given speed, and a real `bentoml serve`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,35 @@ def tiny_contract(version: str = "test-1") -> ModelContract:
 
 
 @pytest.fixture(scope="session")
+def exported_onnx(tmp_path_factory, demo_catalog) -> Path:
+    """A real trainer run on 200 demo photos (head only, 128 px: ~40 s with the export) through
+    `trainer export` (ONNX + contract + parity and accuracy gate), as a user's model gets to
+    the service. Its run folder is two levels up (dataset.json names the photos it used)."""
+    from trainer.config import TrainConfig
+    from trainer.export import export
+    from trainer.train import train
+
+    run = tmp_path_factory.mktemp("exported") / "run"
+    train(TrainConfig(data=demo_catalog, out=run, epochs=0, head_epochs=8, max_train_images=200,
+                      max_val_images=30, image_size=128))
+    return export(run, save=False).onnx_path
+
+
+def held_out_photos(exported: Path, catalog: Path) -> list[tuple[str, Path]]:
+    """(label, photo) of the catalog that the exported model's run neither trained nor
+    validated on."""
+    info = json.loads((exported.parents[1] / "dataset.json").read_text())
+    used = {Path(path).resolve() for path, _ in info["train_samples"] + info["val_samples"]}
+    return [(folder.name, photo) for folder in sorted(catalog.iterdir()) if folder.is_dir()
+            for photo in sorted(folder.iterdir()) if photo.resolve() not in used]
+
+
+def onnx_contract(path: Path) -> ModelContract:
+    """The contract a model file carries, as the service reads it."""
+    return ModelContract.from_metadata({p.key: p.value for p in onnx.load(path).metadata_props})
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
     return build_tiny_cnn(tmp_path_factory.mktemp("model") / "tiny.onnx", tiny_contract())
 
@@ -90,13 +121,16 @@ SERVER_ENV = {
     "CLASSIFIER_MAX_PIXELS": str(20_000_000),
     "CLASSIFIER_MAX_IMAGES_PER_REQUEST": "8",
     "CLASSIFIER_ORT_THREADS": "1",
+    # The reference the API tests compare with is ONNX Runtime fp32 on the same file.
+    "CLASSIFIER_RUNTIME": "onnxruntime",
+    "CLASSIFIER_PRECISION": "fp32",
 }
 
 
 @pytest.fixture(scope="module")
-def server(tiny_onnx, tmp_path_factory):
-    """The service on the tiny model, started once per test module."""
-    with serve({**SERVER_ENV, "MODEL_TAG": str(tiny_onnx)},
+def server(exported_onnx, tmp_path_factory):
+    """The service on the trainer-exported model, started once per test module."""
+    with serve({**SERVER_ENV, "MODEL_TAG": str(exported_onnx)},
                tmp_path_factory.mktemp("serve")) as srv:
         yield srv
 
