@@ -2,10 +2,12 @@
 
 On one trained model (a trainer run folder: checkpoint + export/model.onnx + model.int8.onnx):
   1. decode + preprocess cost per image (what the service pays and the ceiling does not);
-  2. the ceiling: ONNX Runtime in-process on preprocessed tensors, best batch size;
-  3. the BentoML service with adaptive batching, with batching off, and with the int8 model,
-     each at 1, 8 and 32 closed-loop Locust users: req/s, p50/p95/p99, errors, mean batch
-     size (from /metrics), server CPU use, and cold start (`bentoml serve` -> /readyz 200);
+  2. the ceiling of each runtime + precision (ONNX Runtime and OpenVINO, fp32 / bf16 / int8)
+     in-process on preprocessed tensors, per batch size;
+  3. the BentoML service as configured by default (`service`: CLASSIFIER_RUNTIME and
+     _PRECISION auto), with batching off, and forced to each runtime + precision, each at 1, 8
+     and 32 closed-loop Locust users: req/s, p50/p95/p99, errors, mean batch size (from
+     /metrics), server CPU use, RSS, and cold start (`bentoml serve` -> /readyz 200);
   4. the baseline (FastAPI + PyTorch eager per request) under the same load.
 Then a table, the ratios the issue asks for, and a verdict per target with the reason when
 one is missed. The server and the load generator are pinned to separate cores (taskset), so
@@ -29,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from rich.console import Console
@@ -48,12 +51,44 @@ from loadtests.servers import (
     start_bentoml,
 )
 from service.model_store import read_contract
+from service.runtime import ONNXRUNTIME, OPENVINO, openvino_installed, openvino_supports
 
 # Piped output (make, CI logs) would wrap the table at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 # Service settings (env vars read by service/settings.py) per served variant.
 BATCHING_OFF = {"CLASSIFIER_BATCHING": "false"}
+# Each runtime + precision the service can be forced to (`service.runtime.variant_name`).
+RUNTIME_VARIANTS = ["onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "onnxruntime-int8",
+                    "openvino-int8"]
+VariantName = Literal["service", "nobatch", "int8", "baseline", "onnxruntime-fp32",
+                      "openvino-fp32", "openvino-bf16", "onnxruntime-int8", "openvino-int8"]
+
+
+def variant_settings(variant: str) -> dict[str, str]:
+    """Service environment for a served variant (besides threads)."""
+    if variant == "nobatch":
+        return dict(BATCHING_OFF)
+    if variant == "int8":
+        return {"CLASSIFIER_PRECISION": "int8"}
+    if variant in RUNTIME_VARIANTS:
+        runtime, precision = variant.split("-")
+        return {"CLASSIFIER_RUNTIME": runtime, "CLASSIFIER_PRECISION": precision}
+    return {}
+
+
+def unavailable(variant: str, int8: Path | None) -> str | None:
+    """Why this machine cannot run a runtime variant, or None."""
+    if variant not in RUNTIME_VARIANTS and variant != "int8":
+        return None
+    runtime, _, precision = variant.rpartition("-") if variant != "int8" else ("", "", "int8")
+    if precision == "int8" and int8 is None:
+        return "no int8 model (export with --int8)"
+    if runtime == OPENVINO and not openvino_installed():
+        return "openvino is not installed"
+    if runtime == OPENVINO and not openvino_supports(precision):
+        return f"this CPU has no native {precision}"
+    return None
 
 
 class BenchServeConfig(BaseSettings):
@@ -73,8 +108,12 @@ class BenchServeConfig(BaseSettings):
     users: list[int] = Field([1, 8, 32], description="concurrent closed-loop users per load step")
     duration_s: float = Field(20.0, gt=0, description="seconds of measured load per step")
     warmup_s: float = Field(4.0, ge=0, description="unmeasured load after each server start")
-    variants: list[Literal["service", "nobatch", "int8", "baseline"]] = Field(
-        ["service", "nobatch", "int8", "baseline"], description="servers to measure")
+    variants: list[VariantName] = Field(
+        ["service", "nobatch", *RUNTIME_VARIANTS, "baseline"], description=(
+            "servers to measure: service (default settings: runtime and precision auto), "
+            "nobatch, int8 (CLASSIFIER_PRECISION=int8), RUNTIME-PRECISION (forced), baseline"))
+    ceiling_variants: list[str] = Field(RUNTIME_VARIANTS, description=(
+        "runtime + precision pairs whose in-process ceiling is measured"))
     cpu_splits: list[Literal["pinned", "shared"]] = Field(["pinned", "shared"], description=(
         "how the server and Locust share the cores, each measured in turn: pinned: server on "
         "--server-cpus, Locust on --loadgen-cpus (taskset), per-core efficiency; shared: no "
@@ -162,6 +201,9 @@ def resolve_models(config: BenchServeConfig) -> tuple[Path, Path | None, Path | 
             int8 = export / "model.int8.onnx"
     if fp32 is None:
         raise SystemExit("give --run RUN_DIR (a trainer run folder) or --model MODEL.onnx")
+    if int8 is not None and Path(int8).resolve() != fp32.with_name("model.int8.onnx").resolve():
+        raise SystemExit(f"--int8-model must be {fp32.with_name('model.int8.onnx')}: the service "
+                         "serves CLASSIFIER_PRECISION=int8 from beside the fp32 file")
     return fp32, int8, config.run
 
 
@@ -257,12 +299,16 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
     console.print("decode+preprocess CPU ms/image: " + ", ".join(
         f"{k} {v:.1f}" for k, v in result.decode_ms.items()))
     tensors = ceiling.preprocessed(payloads[:16], contract)
-    for name, path in (("fp32", fp32), ("int8", int8)):
-        if path is None:
+    for name in config.ceiling_variants:
+        runtime, _, precision = name.rpartition("-")
+        if unavailable(name, int8):
+            result.not_measured[f"ceiling {name}"] = unavailable(name, int8)
             continue
-        points = ceiling.ort_ceiling(path, tensors, threads=threads, cpus=server_cpus,
-                                     batch_sizes=tuple(config.ceiling_batch_sizes),
-                                     seconds=config.ceiling_seconds)
+        path = int8 if precision == "int8" else fp32
+        points = ceiling.runtime_ceiling(path, tensors, threads=threads, cpus=server_cpus,
+                                         runtime=runtime or ONNXRUNTIME, precision=precision,
+                                         batch_sizes=tuple(config.ceiling_batch_sizes),
+                                         seconds=config.ceiling_seconds)
         result.ceiling[name] = [asdict(p) for p in points]
         console.print(f"ceiling {name}: " + ", ".join(
             f"b{p.batch_size} {p.images_per_s:.0f}/s ({p.images_per_cpu_s:.0f}/CPU-s)"
@@ -277,8 +323,8 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
 
     service_env = {"CLASSIFIER_ORT_THREADS": str(threads)}
     for variant in config.variants:
-        if variant == "int8" and int8 is None:
-            result.not_measured[variant] = "no int8 model (export with --int8)"
+        if unavailable(variant, int8):
+            result.not_measured[variant] = unavailable(variant, int8)
             continue
         if variant == "baseline" and run_dir is None:
             result.not_measured[variant] = "no --run folder with a checkpoint"
@@ -289,8 +335,8 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
                 server = start_baseline(run_dir, port, cpus=server_cpus, threads=threads,
                                         log_dir=config.out)
             else:
-                settings = dict(service_env, **(BATCHING_OFF if variant == "nobatch" else {}))
-                model = int8 if variant == "int8" else fp32
+                settings = dict(service_env, **variant_settings(variant))
+                model = fp32  # int8 variants serve model.int8.onnx from beside it
                 server = start_bentoml(str(model), port, cpus=server_cpus, settings=settings,
                                        log_dir=config.out, name=variant)
         except ServerNotReady as exc:
@@ -298,6 +344,9 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
             console.print(f"[red]{variant}: {exc}[/]")
             continue
         result.cold_start_s[variant] = server.cold_start_s
+        if variant != "baseline":
+            card = httpx.get(f"{server.url}/model", timeout=10).json()
+            result.served[variant] = f"{card['runtime']}-{card['precision']}"
         result.cold_start_cpu_s[variant] = server.cpu_seconds()
         console.print(f"[bold]{variant}[/] ready in {server.cold_start_s:.1f}s (cold start, "
                       f"{result.cold_start_cpu_s[variant]:.1f} CPU-s)")

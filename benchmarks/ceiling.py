@@ -1,4 +1,5 @@
-"""The in-process ceiling (ONNX Runtime on ready tensors) and the decode cost, measured apart.
+"""The in-process ceiling (each runtime + precision on ready tensors) and the decode cost,
+measured apart.
 
 The ceiling is what the model itself can do on the server's cores with no HTTP, no multipart,
 no JPEG decode: a service cannot beat it, and `service / ceiling` says how much serving costs.
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.payloads import Payload
-from service.contract import ONNX_INPUT, ModelContract, load_and_preprocess
-from service.runtime import create_session
+from service.contract import ModelContract, load_and_preprocess
+from service.runtime import open_runtime
 
 
 @dataclass
@@ -52,22 +53,24 @@ def preprocessed(payloads: list[Payload], contract: ModelContract) -> np.ndarray
     return np.stack([load_and_preprocess(p.data, contract) for p in payloads])
 
 
-def ort_ceiling(onnx_path: Path, tensors: np.ndarray, *, threads: int, cpus: str | None,
-                batch_sizes: tuple[int, ...] = (1, 8, 16, 32), seconds: float = 2.0,
-                repeats: int = 3) -> list[CeilingPoint]:
-    """Images/s of session.run on preprocessed tensors at each batch size (median of repeats)."""
+def runtime_ceiling(onnx_path: Path, tensors: np.ndarray, *, threads: int, cpus: str | None,
+                    runtime: str = "onnxruntime", precision: str = "fp32",
+                    batch_sizes: tuple[int, ...] = (1, 8, 16, 32), seconds: float = 2.0,
+                    repeats: int = 3) -> list[CeilingPoint]:
+    """Images/s of the service's own runtime (`service.runtime.open_runtime`, as the model
+    service opens it) on preprocessed tensors at each batch size (median of repeats)."""
     points = []
     with cpu_affinity(cpus):
-        session = create_session(onnx_path, threads=threads)
+        model = open_runtime(onnx_path, runtime=runtime, precision=precision, threads=threads)
         for batch_size in batch_sizes:
             reps = -(-batch_size // len(tensors))
             batch = np.ascontiguousarray(np.concatenate([tensors] * reps)[:batch_size])
-            session.run(None, {ONNX_INPUT: batch})  # warm-up: allocations, kernel choice
+            model.run(batch)  # warm-up: allocations, kernel choice
             rates, latencies, cpu_rates = [], [], []
             for _ in range(repeats):
                 runs, started, cpu_started = 0, time.perf_counter(), time.process_time()
                 while True:
-                    session.run(None, {ONNX_INPUT: batch})
+                    model.run(batch)
                     runs += 1
                     elapsed = time.perf_counter() - started
                     if elapsed >= seconds / repeats or runs >= 2000:

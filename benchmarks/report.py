@@ -19,10 +19,18 @@ TARGET_VS_BASELINE = 3.0
 TARGET_VS_CEILING = 0.5
 TARGET_COLD_START_S = 5.0
 
-SHORT_NAMES = {"service": "service fp32", "nobatch": "service, no batching",
+SHORT_NAMES = {"service": "service default", "nobatch": "service, no batching",
                "int8": "service int8", "baseline": "baseline torch eager"}
-VARIANT_NAMES = {"service": "service fp32, batching on", "nobatch": "service fp32, batching off",
+VARIANT_NAMES = {"service": "service default runtime, batching on",
+                 "nobatch": "service default runtime, batching off",
                  "int8": "service int8, batching on", "baseline": "baseline FastAPI + torch eager"}
+# Ceilings were recorded as fp32/int8 (ONNX Runtime) before there was a runtime choice.
+CEILING_ALIASES = {"fp32": "onnxruntime-fp32", "int8": "onnxruntime-int8"}
+
+
+def variant_title(variant: str, short: bool = False) -> str:
+    names = SHORT_NAMES if short else VARIANT_NAMES
+    return names.get(variant, f"service {variant}" + ("" if short else ", batching on"))
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -44,8 +52,12 @@ def _step(result: BenchResult, variant: str, users: int) -> Step | None:
     return next((s for s in result.steps if s.variant == variant and s.users == users), None)
 
 
+def _ceiling_points(result: BenchResult, name: str) -> list[dict]:
+    return result.ceiling.get(name) or result.ceiling.get(CEILING_ALIASES.get(name, "")) or []
+
+
 def best_ceiling(result: BenchResult, name: str) -> tuple[float, int]:
-    points = result.ceiling.get(name) or []
+    points = _ceiling_points(result, name)
     if not points:
         return math.nan, 0
     best = max(points, key=lambda p: p["images_per_s"])
@@ -53,7 +65,7 @@ def best_ceiling(result: BenchResult, name: str) -> tuple[float, int]:
 
 
 def best_ceiling_cpu(result: BenchResult, name: str) -> float:
-    points = result.ceiling.get(name) or []
+    points = _ceiling_points(result, name)
     return max((p["images_per_cpu_s"] for p in points), default=math.nan)
 
 
@@ -65,11 +77,14 @@ def summary(result: BenchResult, users: int) -> dict:
     core: on a quiet core a CPU-bound server turns its CPU efficiency straight into req/s).
     """
     steps = {v: _step(result, v, users) for v in VARIANT_NAMES}
+    served = result.served.get("service")
+    # The default service is measured against the ceiling of what it serves.
+    ceiling_name = served if served and _ceiling_points(result, served) else "fp32"
     rps = {v: (s.load.rps if s else math.nan) for v, s in steps.items()}
     eff = {v: (s.req_per_cpu_s if s else math.nan) for v, s in steps.items()}
-    ceiling_fp32, best_batch = best_ceiling(result, "fp32")
+    ceiling_fp32, best_batch = best_ceiling(result, ceiling_name)
     ceiling_int8, _ = best_ceiling(result, "int8")
-    ceiling_cpu = best_ceiling_cpu(result, "fp32")
+    ceiling_cpu = best_ceiling_cpu(result, ceiling_name)
     torch_cpu = best_ceiling_cpu(result, "torch eager")
     decode_ms = result.decode_ms.get("mix", math.nan)
     # A server that decodes and infers on the same cores pays both per image.
@@ -77,7 +92,8 @@ def summary(result: BenchResult, users: int) -> dict:
         if ceiling_cpu and not math.isnan(ceiling_cpu) else math.nan
     service = steps["service"]
     return {
-        "users": users, "rps": rps, "req_per_cpu_s": eff,
+        "users": users, "rps": rps, "req_per_cpu_s": eff, "ceiling_name": ceiling_name,
+        "served": served,
         "ceiling_fp32": ceiling_fp32, "best_batch": best_batch, "ceiling_int8": ceiling_int8,
         "ceiling_fp32_per_cpu_s": ceiling_cpu, "decode_ms": decode_ms,
         "torch_eager_per_cpu_s": torch_cpu,
@@ -145,7 +161,8 @@ def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
                 why))
 
     ratio, per_cpu = s["service_vs_ceiling"], s["service_vs_ceiling_cpu"]
-    why = (f"{_fmt(ratio, 2)} on req/s vs the ceiling's {_fmt(s['ceiling_fp32'], 0)} images/s "
+    why = (f"{_fmt(ratio, 2)} on req/s vs the {s['ceiling_name']} ceiling's "
+           f"{_fmt(s['ceiling_fp32'], 0)} images/s "
            f"(batch {s['best_batch']}), {_fmt(per_cpu, 2)} per CPU-second "
            f"({_fmt(s['req_per_cpu_s']['service'])} vs {_fmt(s['ceiling_fp32_per_cpu_s'], 0)} "
            "images/CPU-s)")
@@ -179,15 +196,16 @@ def markdown(result: BenchResult, s: dict, command: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for step in result.steps:
         load = step.load
-        lines.append(f"| {VARIANT_NAMES[step.variant]} | {step.users} | {_fmt(load.rps)} | "
+        lines.append(f"| {variant_title(step.variant)} | {step.users} | {_fmt(load.rps)} | "
                      f"{_fmt(load.p50_ms, 0)} | {_fmt(load.p95_ms, 0)} | {_fmt(load.p99_ms, 0)} | "
                      f"{load.failures} | {_fmt(step.mean_batch)} | {_fmt(step.server_cpu_pct, 0)}"
                      f" | {_fmt(step.req_per_cpu_s)} | {_fmt(load.loadgen_cpu_pct, 0)} | "
                      f"{_fmt(step.rss_mb, 0)} |")
+    first = next(iter(result.ceiling.values()), [])
     lines += ["", "| in-process ceiling (preprocessed tensors, no HTTP) | "
-              + " | ".join(f"batch {p['batch_size']}" for p in result.ceiling.get("fp32", []))
-              + " |", "|---|" + "---|" * len(result.ceiling.get("fp32", []))]
-    columns = [p["batch_size"] for p in result.ceiling.get("fp32", [])]
+              + " | ".join(f"batch {p['batch_size']}" for p in first)
+              + " |", "|---|" + "---|" * len(first)]
+    columns = [p["batch_size"] for p in first]
     for name, points in result.ceiling.items():
         by_batch = {p["batch_size"]: p for p in points}
         for key, unit in (("images_per_s", "images/s"), ("images_per_cpu_s", "images per CPU-s")):
@@ -206,12 +224,36 @@ def markdown(result: BenchResult, s: dict, command: str) -> str:
               f"service / baseline {_fmt(s['service_vs_baseline'], 2)} "
               f"({_fmt(s['service_vs_baseline_cpu'], 2)}), int8 / fp32 "
               f"{_fmt(s['int8_vs_fp32'], 2)} ({_fmt(s['int8_vs_fp32_cpu'], 2)})."), ""]
+    lines += runtime_lines(result, s["users"])
+    if result.served:
+        lines.append("Served (from /model): " + ", ".join(
+            f"{variant} -> {what}" for variant, what in result.served.items()) + ".")
     for variant, why in result.not_measured.items():
-        lines.append(f"- {VARIANT_NAMES[variant]}: not measured, {why}")
+        title = variant if variant.startswith("ceiling ") else variant_title(variant)
+        lines.append(f"- {title}: not measured, {why}")
     for target, met, why in verdicts(s):
         mark = "not measured" if met is None else ("met" if met else "MISSED")
         lines.append(f"- {target}: **{mark}**, {why}")
     return "\n".join(lines) + "\n"
+
+
+def runtime_lines(result: BenchResult, users: int) -> list[str]:
+    """Per runtime + precision: its ceiling and its service at `users`, side by side."""
+    names = [n for n in result.ceiling if n != "torch eager"]
+    if not names:
+        return []
+    lines = [(f"| runtime + precision | ceiling images/s (batch) | ceiling images per CPU-s "
+              f"| service req/s at {users} users | service req per CPU-s | service / ceiling |"),
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        best, batch = best_ceiling(result, name)
+        step = _step(result, CEILING_ALIASES.get(name, name), users) or _step(result, name, users)
+        rps = step.load.rps if step else math.nan
+        lines.append(f"| {name} | {_fmt(best, 0)} ({batch}) | "
+                     f"{_fmt(best_ceiling_cpu(result, name), 0)} | {_fmt(rps)} | "
+                     f"{_fmt(step.req_per_cpu_s if step else math.nan)} | "
+                     f"{_fmt(_ratio(rps, best), 2)} |")
+    return [*lines, ""]
 
 
 def render(result: BenchResult, out: Path, users: int, console: Console,
@@ -224,7 +266,7 @@ def render(result: BenchResult, out: Path, users: int, console: Console,
         table.add_column(column, justify="left" if column == "server" else "right")
     for step in result.steps:
         load = step.load
-        table.add_row(SHORT_NAMES[step.variant], str(step.users), _fmt(load.rps),
+        table.add_row(variant_title(step.variant, short=True), str(step.users), _fmt(load.rps),
                       _fmt(load.p50_ms, 0), _fmt(load.p95_ms, 0), _fmt(load.p99_ms, 0),
                       str(load.failures), _fmt(step.mean_batch), _fmt(step.server_cpu_pct, 0),
                       _fmt(step.req_per_cpu_s), _fmt(load.loadgen_cpu_pct, 0),

@@ -47,6 +47,7 @@ class BenchResult:
     steps: list[Step] = field(default_factory=list)
     not_measured: dict[str, str] = field(default_factory=dict)   # variant -> why
     profile: dict[str, float] = field(default_factory=dict)      # stage -> % of CPU samples
+    served: dict[str, str] = field(default_factory=dict)  # variant -> runtime-precision (/model)
 
 
 def save(result: BenchResult, out: Path) -> Path:

@@ -25,20 +25,29 @@ def test_bench_serve_measures_service_and_baseline_side_by_side(tiny_onnx_model,
     config = BenchServeConfig(
         run=tiny_run, model=tiny_onnx_model, users=[2], duration_s=3, warmup_s=0,
         photos_per_label=1,
-        variants=["service", "baseline"], ceiling_batch_sizes=[1, 4],
+        variants=["service", "onnxruntime-fp32", "baseline"], ceiling_batch_sizes=[1, 4],
+        ceiling_variants=["onnxruntime-fp32", "openvino-fp32", "openvino-int8"],
         ceiling_seconds=0.3, out=tmp_path, profile=False)
     result = run_bench(config, "shared")
     out = tmp_path / "shared"
 
-    assert [(s.variant, s.users) for s in result.steps] == [("service", 2), ("baseline", 2)]
+    assert [(s.variant, s.users) for s in result.steps] == [
+        ("service", 2), ("onnxruntime-fp32", 2), ("baseline", 2)]
     for step in result.steps:
         assert step.load.requests > 0 and step.load.failures == 0, step.load.failure_reasons
         assert step.rss_mb > 0 and step.server_cpu_pct > 0
     service = result.steps[0]
     assert service.batches > 0 and service.mean_batch >= 1.0
-    assert set(result.cold_start_s) == {"service", "baseline"}
-    assert [p["batch_size"] for p in result.ceiling["fp32"]] == [1, 4]
-    assert all(p["images_per_s"] > 0 for p in result.ceiling["fp32"])
+    assert set(result.cold_start_s) == {"service", "onnxruntime-fp32", "baseline"}
+    # Every runtime's ceiling; the tiny model has no int8 file, and the report says so.
+    assert set(result.ceiling) == {"onnxruntime-fp32", "openvino-fp32", "torch eager"}
+    for name in ("onnxruntime-fp32", "openvino-fp32"):
+        assert [p["batch_size"] for p in result.ceiling[name]] == [1, 4]
+        assert all(p["images_per_s"] > 0 for p in result.ceiling[name])
+    assert "int8" in result.not_measured["ceiling openvino-int8"]
+    # The default service runs what auto picks (OpenVINO on x86-64 with it installed).
+    assert result.served["onnxruntime-fp32"] == "onnxruntime-fp32"
+    assert result.served["service"].endswith("-fp32")  # no gate in the tiny model: fp32
     assert set(result.decode_ms) == {"thumb", "original", "large", "mix"}
     assert result.decode_ms["large"] > result.decode_ms["thumb"]  # same photos, 5x the pixels
 
@@ -46,12 +55,14 @@ def test_bench_serve_measures_service_and_baseline_side_by_side(tiny_onnx_model,
     assert figures["service_vs_baseline"] > 0 and figures["service_vs_baseline_cpu"] > 0
     assert math.isnan(figures["batching_on_vs_off"])  # not asked for, not made up
     markdown = (out / "bench_serve.md").read_text()
-    assert "| service fp32, batching on | 2 |" in markdown
+    assert "| service default runtime, batching on | 2 |" in markdown
+    assert "| service onnxruntime-fp32, batching on | 2 |" in markdown
+    assert "| openvino-fp32 |" in markdown and "| onnxruntime-fp32 |" in markdown
     assert "| baseline FastAPI + torch eager | 2 |" in markdown
     assert "zero errors at 2 users: **met**" in markdown
     assert "int8 / fp32 n/a" in markdown  # int8 not measured here, and the report says so
     saved = json.loads((out / "bench_serve.json").read_text())
-    assert len(saved["steps"]) == 2
+    assert len(saved["steps"]) == 3
     assert (out / "service_u2.html").is_file()
 
 
