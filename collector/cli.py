@@ -53,6 +53,8 @@ def status_tables(data: Path) -> list[Table]:
         counts = manifest.image_counts()
         pages = manifest.page_counts()
         reasons = manifest.reasons()
+        titles = manifest.title_counts()
+        attributes = manifest.attribute_counts()
         reviewed = manifest.query(
             "SELECT review_status, COUNT(*) FROM images WHERE review_status IS NOT NULL "
             "GROUP BY review_status")
@@ -88,7 +90,19 @@ def status_tables(data: Path) -> list[Table]:
             reason_table.add_row(status, reason, str(n))
     if conflicts:  # one line, not one per label pair; `collector review` shows the pairs
         reason_table.add_row("conflict", "same image under 2+ labels", str(conflicts))
-    return [images, page_table, reason_table]
+    tables = [images, page_table, reason_table]
+    if titles.get("off_topic"):   # off_topic: flag keeps them; the review page filters them
+        reason_table.add_row("flagged", "off_topic_title (kept, to review)",
+                             str(titles["off_topic"]))
+    if attributes:                # attribute rules in sources.yaml, over what export writes
+        table = Table(title="attributes (exported images)")
+        for column in ("attribute", "value", "images"):
+            table.add_column(column, justify="right" if column == "images" else "left")
+        for name, values in attributes.items():
+            for value, n in values.items():
+                table.add_row(name, value, str(n))
+        tables.append(table)
+    return tables
 
 
 class Crawl(BaseModel):

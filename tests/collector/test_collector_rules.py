@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 
 import pytest
 import yaml
+from rich.console import Console
 
+from collector.cli import status_tables
 from collector.config import ConfigError, load_sources
 from collector.crawl import crawl
 from collector.dedup import run_dedup
@@ -111,6 +114,11 @@ def test_collector_off_topic_title_rejected_then_flagged_without_recrawl(tmp_pat
         (row,) = rows(config.output_dir, "SELECT * FROM images WHERE product_id = ?",
                       (off.product_id,))
         assert row["status"] == "ok" and row["title_verdict"] == "off_topic"
+        console = Console(record=True, width=120)
+        for table in status_tables(config.output_dir):
+            console.print(table)
+        assert re.search(r"flagged\s+.\s+off_topic_title \(kept, to review\)\s+.\s+1\b",
+                         console.export_text())
         # The review page lists the flagged ones on their own.
         page = ReviewStore(config.output_dir).list_images(ImageQuery(title="off_topic"))
         assert [item["product_id"] for item in page.items] == [off.product_id]
@@ -169,6 +177,12 @@ def test_collector_label_rules_split_one_listing_with_extra_fields_and_attribute
             assert counts["edition"]["unknown"] >= 4
             result = export_dataset(manifest, tmp_path / "dataset", val=0.0, test=0.0)
         assert sum(shop.hits.values()) == requests
+        console = Console(record=True, width=120)
+        for table in status_tables(config.output_dir):
+            console.print(table)
+        shown = console.export_text()
+        assert "attributes (exported images)" in shown and "no_label_rule" in shown
+        assert re.search(rf"shape\s+.\s+round\s+.\s+{counts['shape']['round']}\b", shown), shown
         with open(result.out_dir / "manifest.csv", newline="") as handle:
             entries = list(csv.DictReader(handle))
         assert {e["label"] for e in entries} == {"headwear", "footwear"}
