@@ -8,6 +8,12 @@ own "done" are one transaction; image outcomes are committed in batches (a kill 
 a batch, still 'pending'); files are renamed into place; dedup runs once over everything at
 the end. So a kill -9 at any instant leaves a manifest from which the same command resumes
 to exactly the result of an uninterrupted crawl.
+
+A block page (a captcha, or a listing without products: collector.blocks) is recorded as
+`blocked` with its reason, pauses its host with a growing backoff and is retried a bounded
+number of times (`politeness.block_*`); then the crawl stops that host, says how to come
+back, and the next run of the same command starts again from that page. A page on a host
+without a site profile is `failed: no_profile`, and one bad page never ends the crawl.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,7 +36,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from collector.config import SourcesConfig
+from collector.blocks import BLOCK_REASONS, block_check, listing_verdict, page_marker
+from collector.config import SiteProfile, SourcesConfig
 from collector.dedup import DedupSummary, run_dedup
 from collector.extract import extract_listing, extract_product_image
 from collector.fetch import Fetched, Fetcher, FetchError
@@ -57,6 +65,7 @@ class CrawlStats:
     rejected: int = 0
     failed: int = 0
     blocked: int = 0
+    blocked_pages: int = 0
     reused: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -70,6 +79,7 @@ class CrawlResult:
     stats: CrawlStats
     dedup: DedupSummary
     fetcher_stats: dict
+    stopped: dict[str, str] = field(default_factory=dict)  # host -> why and how to come back
 
 
 class Crawler:
@@ -88,6 +98,9 @@ class Crawler:
         self._writes: list[tuple[Callable[..., None], tuple, dict]] = []
         self._last_flush = time.monotonic()
         self._stored_by_url: dict[str, dict] = {}   # same URL under another label: reuse
+        self.blocks: dict[str, int] = {}     # host -> block pages in a row
+        self.stopped: dict[str, str] = {}    # host -> the message: no more requests to it
+        self.console = progress.console if progress else Console(stderr=True)
         self._pages_task = progress.add_task("pages", total=None, status="") if progress else None
         self._images_task = progress.add_task("images", total=0, status="") if progress else None
 
@@ -106,6 +119,7 @@ class Crawler:
 
     # -- seeding & listing pages ---------------------------------------------------------
     def seed(self) -> None:
+        self.requeue_blocked()
         with self.manifest.transaction():
             for label, urls in self.config.categories.items():
                 for url in urls:
@@ -125,6 +139,14 @@ class Crawler:
         for row in products:
             self.queue.put_nowait(("product", row["id"], row["url"]))
         self._tick(discovered=len(pending) + len(products))
+
+    def requeue_blocked(self) -> None:
+        """Pages a block page stopped are the first ones the next run fetches: the same
+        command resumes where the blocked run stopped (robots.txt blocks stay blocked)."""
+        marks = ",".join("?" * len(BLOCK_REASONS))
+        with self.manifest.transaction() as db:
+            db.execute(f"UPDATE pages SET status = 'pending' WHERE status = 'blocked' "
+                       f"AND reason IN ({marks})", BLOCK_REASONS)
 
     def check_files(self) -> None:
         """Rows whose file is gone or the wrong size (power loss, a user's rm) go back to
@@ -158,25 +180,91 @@ class Crawler:
 
     async def walk_label(self, label: str) -> None:
         while True:
-            pages = [p for p in self.manifest.pending_pages("listing") if p["label"] == label]
+            pages = [p for p in self.manifest.pending_pages("listing") if p["label"] == label
+                     and urlsplit(p["url"]).netloc not in self.stopped]
             if not pages:
                 return
             for page in pages:
-                await self.listing_page(page)
+                try:
+                    await self.listing_page(page)
+                except Exception:  # noqa: BLE001 (one bad page must not end the crawl)
+                    self.manifest.finish_page(page["id"], "failed", "internal_error")
+                    self._page_done(failed=True)
+
+    def profile(self, url: str) -> SiteProfile | None:
+        try:
+            return self.config.profile_for(url)
+        except KeyError:                 # several profiles, none for this host
+            return None
+
+    async def fetch_page(self, page) -> tuple[Fetched, object] | None:
+        """Fetch and read a listing page (-> ListingPage) or a product page (-> its image
+        URL). A block page pauses the host and is fetched again, a bounded number of times;
+        None when the page ended otherwise (recorded), or its host is stopped (pending)."""
+        url, kind = page["url"], page["kind"]
+        host = urlsplit(url).netloc
+        profile = self.profile(url)
+        if profile is None:
+            self.manifest.finish_page(page["id"], "failed", "no_profile")
+            return None
+        while host not in self.stopped:
+            try:
+                fetched = await self.fetcher.get(url, block_check=block_check(profile))
+            except FetchError as exc:
+                if not exc.blocked or exc.reason == "robots":
+                    self.manifest.finish_page(page["id"], "blocked" if exc.blocked else
+                                              "failed", exc.reason, exc.http_status)
+                    return None
+                reason, seen, status = exc.reason, exc.detail, exc.http_status
+            else:
+                html = fetched.content.decode("utf-8", "replace")
+                if kind == "listing":
+                    found = extract_listing(html, fetched.url, profile)
+                    verdict = listing_verdict(html, fetched.url, profile, len(found.products))
+                else:
+                    found = extract_product_image(html, fetched.url, profile)
+                    marker = None if found else page_marker(html, fetched.url, profile)
+                    verdict = ("captcha", marker) if marker else None
+                if verdict is None:
+                    self.blocks.pop(host, None)       # a real page: the host is fine again
+                    return fetched, found
+                (reason, seen), status = verdict, fetched.status
+            self.manifest.finish_page(page["id"], "blocked", reason, status, 0)
+            self.stats.blocked_pages += 1
+            if not self.back_off(host, url, reason, seen):
+                break
+        return None
+
+    def back_off(self, host: str, url: str, reason: str, seen: str) -> bool:
+        """After a block page: pause the host (longer each time) and retry, or, past
+        `block_retries`, stop the host. Polite by design: the cure is slower and later,
+        never a solved captcha or another identity."""
+        polite = self.config.politeness
+        n = self.blocks[host] = self.blocks.get(host, 0) + 1
+        if n > polite.block_retries:
+            self.stopped[host] = (
+                f"stopped crawling {host}: {n} block pages in a row ({reason}: {seen}), the "
+                f"last at {url}. The collector does not solve captchas or change identity to "
+                f"get past a block. Wait (an hour, a day), lower "
+                f"politeness.requests_per_second_per_host (now "
+                f"{polite.requests_per_second_per_host:g}) and concurrency_per_host (now "
+                f"{polite.concurrency_per_host}), then run the same command again: it "
+                f"resumes from this page.")
+            self.console.print(f"[red]{escape(self.stopped[host])}", soft_wrap=True)
+            return False
+        pause = min(polite.block_pause_max, polite.block_pause * 2 ** (n - 1))
+        self.fetcher.pause_host(url, pause)
+        self.console.print(f"[yellow]{host}: block page ({reason}: {escape(seen)}) at "
+                           f"{escape(url)}; pausing the host {pause:g} s, then retry {n} of "
+                           f"{polite.block_retries}", soft_wrap=True)
+        return True
 
     async def listing_page(self, page) -> None:
         url, label = page["url"], page["label"]
-        if not await self.fetcher.allowed(url):
-            self.manifest.finish_page(page["id"], "blocked", "robots")
+        got = await self.fetch_page(page)
+        if got is None:
             return self._page_done(failed=True)
-        try:
-            fetched = await self.fetcher.get(url)
-        except FetchError as exc:
-            self.manifest.finish_page(page["id"], "failed", exc.reason, exc.http_status)
-            return self._page_done(failed=True)
-        profile = self.config.profile_for(url)
-        listing = extract_listing(fetched.content.decode("utf-8", "replace"), fetched.url,
-                                  profile)
+        fetched, listing = got
         limit = self.config.limits.max_images_per_label
         new: list[tuple[str, int]] = []
         with self.manifest.transaction():
@@ -260,19 +348,16 @@ class Crawler:
 
     async def product_page(self, page_id: int) -> None:
         page = self.manifest.page(page_id)
-        if page["status"] != "pending":
-            return
+        if page["status"] != "pending" or urlsplit(page["url"]).netloc in self.stopped:
+            return                       # done already, or its host stopped: next run
         url, label = page["url"], page["label"]
-        if not await self.fetcher.allowed(url):
-            self.manifest.finish_page(page_id, "blocked", "robots")
-            return self._image_done("blocked")
-        try:
-            fetched = await self.fetcher.get(url)
-        except FetchError as exc:
-            self.manifest.finish_page(page_id, "failed", exc.reason, exc.http_status)
-            return self._image_done("failed")
-        image_url = extract_product_image(fetched.content.decode("utf-8", "replace"),
-                                          fetched.url, self.config.profile_for(url))
+        got = await self.fetch_page(page)
+        if got is None:
+            status = self.manifest.page(page_id)["status"]
+            if status != "pending":
+                self._image_done("blocked" if status == "blocked" else "failed")
+            return
+        fetched, image_url = got
         image_id = None
         with self.manifest.transaction():
             if image_url:
@@ -296,18 +381,18 @@ class Crawler:
                         http_status=copy["http_status"])
             self.stats.reused += 1
             return self._image_done("stored")
-        if not await self.fetcher.allowed(url):
-            self._write(self.manifest.mark_unusable, image_id, "blocked", "robots",
-                        "disallowed by robots.txt")
-            return self._image_done("blocked")
+        if urlsplit(url).netloc in self.stopped:
+            return                       # left pending: the next run fetches it
+        # robots.txt is the fetcher's to check, on this URL and on every redirect hop.
         # Fetch, decode, hash and write in one trip to a worker thread: the sync HTTP client
         # and Pillow's decoder both release the GIL while they wait or work.
         try:
             fetched, valid, path = await asyncio.to_thread(self._download, url)
         except FetchError as exc:
-            self._write(self.manifest.mark_unusable, image_id, "failed", exc.reason,
+            outcome = "blocked" if exc.blocked else "failed"
+            self._write(self.manifest.mark_unusable, image_id, outcome, exc.reason,
                         exc.detail, exc.http_status)
-            return self._image_done("failed")
+            return self._image_done(outcome)
         except _Rejected as rejected:
             exc = rejected.error
             self._write(self.manifest.mark_unusable, image_id, "rejected", exc.reason,
@@ -358,7 +443,7 @@ class Crawler:
             self.flush()       # also on Ctrl-C: keep every finished image
         apply_rules(self.manifest, self.config)   # fills title columns of product-page rows
         dedup = run_dedup(self.manifest, self.config.dedup.hamming_threshold)
-        return CrawlResult(self.stats, dedup, dict(self.fetcher.stats))
+        return CrawlResult(self.stats, dedup, dict(self.fetcher.stats), dict(self.stopped))
 
 
 def make_progress(console: Console) -> Progress:
