@@ -31,6 +31,10 @@ every run, and every resumed run, meets the same ones:
   offtopic  a product titled "<Label> gift card": its title contradicts its label
                                                  -> rejected: off_topic_title (the sources
                                                     file write_sources writes excludes it)
+  offsite   the image redirects to 127.0.0.2, off the shop's address -> failed: refused_address
+  captcha   one listing page answers a captcha page once -> blocked: captcha, paused, retried
+Tests can also set `shop.blocking` to "captcha" or "no_cards": then every listing page is a
+block page, as when a marketplace has decided the client is a bot.
 `/_plan.json` lists which product got which fault, for tests and curious users.
 """
 
@@ -53,14 +57,25 @@ import yaml
 from PIL import Image
 
 FAULTS = ("429", "500", "slow", "truncated", "corrupt", "html", "webp", "bomb", "tiny",
-          "missing", "robots", "dupes", "offtopic")
+          "missing", "robots", "dupes", "offtopic", "offsite", "captcha")
 # How many products per label each fault hits (deterministic: chosen by hash of the id).
 _FAULT_SHARE = {"429": 1, "500": 2, "slow": 1, "truncated": 1, "corrupt": 1, "html": 1,
-                "webp": 2, "bomb": 0, "tiny": 0, "missing": 0, "robots": 0, "offtopic": 0}
+                "webp": 2, "bomb": 0, "tiny": 0, "missing": 0, "robots": 0, "offtopic": 0,
+                "offsite": 0}
 OFF_TOPIC = "gift card"   # what the offtopic fault's title says; write_sources excludes it
 PER_PAGE = 12
 WIDTHS = (200, 300)     # smaller srcset candidates; the original is the largest
 _PLACEHOLDER = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
+# What a marketplace shows a client it takes for a bot (200, no products, no next link).
+CAPTCHA_PAGE = (
+    "<!doctype html><html><head><title>Robot Check</title></head><body>"
+    "<h4>Enter the characters you see below</h4><p>Sorry, we just need to make sure you're "
+    "not a robot.</p><form method=\"get\" action=\"/errors/validateCaptcha\">"
+    "<img src=\"/captcha/Captcha_abc.jpg\"><input id=\"captchacharacters\" "
+    "name=\"field-keywords\"></form></body></html>")
+NO_CARDS_PAGE = ("<!doctype html><html><head><title>Demo shop</title></head><body>"
+                 "<main class=\"results\"></main><p>Sorry, something went wrong.</p>"
+                 "</body></html>")
 
 
 @dataclass
@@ -164,6 +179,7 @@ class DemoShop:
         self.plan = build_plan(self.catalog, self.faults, per_label)
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.blocking: str | None = None  # "captcha" | "no_cards": every listing page is one
         self.server = _QuietServer((host, port), _handler_for(self))
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -190,7 +206,8 @@ class DemoShop:
 
     # -- content -------------------------------------------------------------------------
     def image_url(self, product: DemoProduct, width: int | None = None) -> str:
-        base = "/private/img" if "robots" in product.faults else "/img"
+        base = ("/private/img" if "robots" in product.faults else
+                "/out" if "offsite" in product.faults else "/img")
         name = f"w{width}.jpg" if width else "full.jpg"
         return f"{base}/{product.product_id}/{name}"
 
@@ -314,6 +331,12 @@ def _handler_for(shop: DemoShop) -> type[BaseHTTPRequestHandler]:
             if path == "/search":
                 label = query.get("q", [""])[0]
                 page = int(query.get("page", ["1"])[0] or 1)
+                if shop.blocking:
+                    return self.send(200, (CAPTCHA_PAGE if shop.blocking == "captcha"
+                                           else NO_CARDS_PAGE).encode())
+                if ("captcha" in shop.faults and page == 1 and label == max(shop.plan.listings)
+                        and shop.hit("captcha" + self.path) == 1):
+                    return self.send(200, CAPTCHA_PAGE.encode())
                 if ("500" in shop.faults and page == 2 and label == min(shop.plan.listings)
                         and shop.hit(self.path) <= 2):
                     return self.send(500, b"<h1>Internal Server Error</h1>")
@@ -327,6 +350,10 @@ def _handler_for(shop: DemoShop) -> type[BaseHTTPRequestHandler]:
                 return self.send(302, b"", headers={"Location": target})
             if path.startswith(("/img/", "/private/img/")):
                 return self.image(path)
+            if path.startswith("/out/"):           # off-site: another address entirely
+                port = shop.server.server_address[1]
+                return self.send(302, b"", headers={
+                    "Location": f"http://127.0.0.2:{port}/internal{path[4:]}"})
             return self.send(404, b"<h1>Not found</h1>")
 
         def image(self, path: str) -> None:
@@ -361,7 +388,8 @@ def write_sources(shop: DemoShop, path: Path, output_dir: str = "collected") -> 
             "title": "h3.title", "link": "a.product-link", "image": "img",
             "image_attrs": ["data-srcset", "srcset", "data-src", "src"],
             "next_page": "nav.pagination a.next", "product_image": "img#main-image"}},
-        "politeness": {"concurrency_per_host": 8, "requests_per_second_per_host": 200},
+        "politeness": {"concurrency_per_host": 8, "requests_per_second_per_host": 200,
+                       "block_pause": 0.5},
         "download": {"retries": 4, "backoff_base": 0.2, "backoff_max": 5},
         "validation": {"min_side": 64},
     }

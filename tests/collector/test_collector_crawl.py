@@ -31,7 +31,8 @@ def test_collector_faults_are_met_and_handled(crawled, faulty_shop):
     expected = {"truncated": ("rejected", "corrupt"), "corrupt": ("rejected", "corrupt"),
                 "html": ("rejected", "not_an_image"), "bomb": ("rejected", "too_many_pixels"),
                 "tiny": ("rejected", "too_small"), "missing": ("failed", "http_404"),
-                "robots": ("blocked", "robots"), "offtopic": ("rejected", "off_topic_title")}
+                "robots": ("blocked", "robots"), "offtopic": ("rejected", "off_topic_title"),
+                "offsite": ("failed", "refused_address")}
     images = by_product(crawled)
     seen = Counter()
     for (label, pid), row in images.items():
@@ -61,6 +62,12 @@ def test_collector_retries_follow_the_rules(crawled, faulty_shop):
             assert "GET " + path not in hits          # disallowed: never requested
     # the listing page that answered 500 twice was retried and parsed
     assert any(k.startswith("GET /search") and v == 3 for k, v in hits.items())
+    # the one that answered a captcha page was paused, fetched again and parsed (pages: done)
+    captcha = f"/search?q={max(faulty_shop.plan.listings)}"
+    assert hits["captcha" + captcha] == 2 and hits["GET " + captcha] == 2
+    # the off-site redirect was followed no further than its refusal
+    offsite = [p for p in faulty_shop.plan.products.values() if "offsite" in p.faults]
+    assert offsite and all(hits["GET " + faulty_shop.image_url(p)] == 1 for p in offsite)
 
 
 def test_collector_webp_behind_jpg_name(crawled, faulty_shop):
