@@ -17,6 +17,7 @@ import contextlib
 import typing
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
@@ -196,6 +197,11 @@ class ProductClassifier:
             logits = await self.model.to_async.logits(np.stack(crops))
         except ServiceUnavailable:
             return error_response(503, "overloaded", "the model is overloaded, retry shortly")
+        except (aiohttp.ClientError, ConnectionError) as error:
+            # The model worker died mid-call (BentoML respawns it): the client may retry.
+            return error_response(503, "model_unavailable",
+                                  f"the model worker is restarting ({type(error).__name__}); "
+                                  "retry shortly")
         return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
 
     def _open_all(self, paths: list[Path]) -> list:
