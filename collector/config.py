@@ -75,6 +75,25 @@ def check_label(label: str) -> str:
     return label
 
 
+class ImageRewrite(_Strict):
+    """One regex substitution on image URLs (re.sub: `\\g<1>` refers to a group)."""
+
+    pattern: str = Field(description="regular expression searched in the image URL")
+    replace: str = Field(description="its replacement")
+
+    @model_validator(mode="after")
+    def _compiles(self) -> ImageRewrite:
+        try:
+            re.compile(self.pattern).sub(self.replace, "")   # also parses the replacement
+        except re.error as exc:
+            raise ValueError(f"image rewrite {self.pattern!r} -> {self.replace!r}: "
+                             f"{exc}") from None
+        return self
+
+    def apply(self, url: str) -> str:
+        return re.sub(self.pattern, self.replace, url)
+
+
 class SiteProfile(_Strict):
     """How to read one shop's listing (and product) pages."""
 
@@ -101,6 +120,10 @@ class SiteProfile(_Strict):
     product_image_attrs: list[str] = Field(
         default_factory=lambda: ["data-old-hires", "srcset", "data-srcset", "data-src", "src"],
         min_length=1, description="like image_attrs, for the product page image")
+    image_rewrites: list[ImageRewrite] = Field(
+        default_factory=list,
+        description="regex rewrites of image URLs, applied in order, e.g. ask a CDN whose "
+                    "path sets the size for a larger one (Flipkart's /image/312/312/)")
     extra: dict[str, str] = Field(
         default_factory=dict,
         description="more card fields to keep, name -> CSS selector inside the card (its "

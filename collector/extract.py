@@ -4,7 +4,8 @@ Pure functions over text: no network here, so every quirk of real shops is unit-
 saved page. Handles: srcset (largest `w` or `x` candidate, commas inside URLs), lazy-load
 attributes with data: placeholders in `src`, relative and protocol-relative URLs, tracking
 redirect links that carry the real target in a query parameter (`/sspa/click?url=/dp/...`),
-JSON image maps (`data-a-dynamic-image`), and cards without an id (ads, widgets) skipped.
+JSON image maps (`data-a-dynamic-image`), cards without an id (ads, widgets) skipped, image
+URL rewrites (a CDN's size in the path -> a larger one) and extra card fields (price...).
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ def pick_image(node: LexborNode, attrs: list[str], base: str,
     return None
 
 
+def rewrite_image(url: str | None, profile: SiteProfile) -> str | None:
+    """The profile's image_rewrites, in order (e.g. a CDN size in the path -> a larger one)."""
+    for rewrite in profile.image_rewrites if url else ():
+        url = rewrite.apply(url)
+    return url
+
+
 def _text(node: LexborNode | None) -> str:
     if node is None:
         return ""
@@ -168,6 +176,7 @@ def extract_listing(html: str, page_url: str, profile: SiteProfile) -> ListingPa
         image_node = card.css_first(profile.image)
         image_url = (pick_image(image_node, profile.image_attrs, page_url, params)
                      if image_node is not None else None)
+        image_url = rewrite_image(image_url, profile)
         if image_url is None:
             page.cards_without_image += 1
         title = _text(card.css_first(profile.title)) if profile.title else ""
@@ -193,5 +202,5 @@ def extract_product_image(html: str, page_url: str, profile: SiteProfile) -> str
     for node in tree.css(profile.product_image):
         url = pick_image(node, profile.product_image_attrs, page_url, profile.redirect_params)
         if url:
-            return url
+            return rewrite_image(url, profile)
     return None

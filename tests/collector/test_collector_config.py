@@ -31,7 +31,8 @@ def error_of(tmp_path: Path, data) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("name", ["sources.yaml", "amazon_like.yaml"])
+@pytest.mark.parametrize("name", ["sources.yaml", "amazon_like.yaml", "amazon_search.yaml",
+                                  "flipkart_search.yaml"])
 def test_collector_examples_load(name):
     config = load_sources(EXAMPLES / name)
     assert config.categories and config.sites

@@ -59,6 +59,8 @@ GOOD = {"categories": {"saree": ["http://127.0.0.1:1/s?k=saree"]},
     ({"attributes": {"colour": {"unknown": ["grey"]}}}, "'unknown' is reserved"),
     ({"sites": {"127.0.0.1:1": {"card": "div", "extra": {"price": "span >"}}}},
      "invalid CSS selector"),
+    ({"sites": {"127.0.0.1:1": {"card": "div", "image_rewrites": [
+        {"pattern": "/image/(\\d+)/", "replace": "/image/\\g<2>/"}]}}}, "image rewrite"),
 ])
 def test_collector_bad_rules_name_the_field(tmp_path, patch, words):
     path = tmp_path / "sources.yaml"
