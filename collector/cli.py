@@ -58,6 +58,9 @@ def status_tables(data: Path) -> list[Table]:
         reviewed = manifest.query(
             "SELECT review_status, COUNT(*) FROM images WHERE review_status IS NOT NULL "
             "GROUP BY review_status")
+        page_reasons = manifest.query(   # why pages failed or were blocked (captcha, ...)
+            "SELECT status, reason, COUNT(*) FROM pages WHERE status IN ('failed', 'blocked') "
+            "GROUP BY status, reason ORDER BY COUNT(*) DESC")
     images = Table(title=f"images in {data}")
     images.add_column("label")
     columns = [c for c in _STATUS_COLUMNS if any(c in row for row in counts.values())]
@@ -77,6 +80,8 @@ def status_tables(data: Path) -> list[Table]:
     page_table.add_column("pages", justify="right")
     for status, n in sorted(pages.items()):
         page_table.add_row(status, str(n))
+    for status, reason, n in page_reasons:
+        page_table.add_row(f"{status}: {reason}", str(n))
     for review_status, n in reviewed:
         page_table.add_row(f"reviewed: {review_status}", str(n))
 
@@ -107,11 +112,15 @@ def status_tables(data: Path) -> list[Table]:
 
 class Crawl(BaseModel):
     """Crawl the categories in SOURCES into its output_dir. Re-running the same command
-    resumes: finished pages and images are kept, pending ones are done, nothing twice."""
+    resumes: finished pages and images are kept, pending ones are done, nothing twice.
+    Exits 3 when a shop answered block pages (captcha) until the crawl stopped asking it:
+    the collector never solves captchas or changes identity; run it again later, slower."""
 
     sources: CliPositionalArg[Path] = Field(description="sources YAML (see collector/examples/)")
     retry_failed: bool = Field(False, description="also retry pages and images that failed "
                                                    "in an earlier run (HTTP errors, timeouts)")
+    # Exit status: 0 done; 1 bad sources file; 3 a host was stopped by block pages (run the
+    # same command later: it resumes there); 130 interrupted.
 
     def cli_cmd(self) -> None:
         from collector.crawl import crawl
@@ -138,6 +147,10 @@ class Crawl(BaseModel):
             f"conflicts")
         for table in status_tables(config.output_dir):
             out.print(table)
+        if result.stopped:   # repeated last, where it is seen; exit 3: not done, come back
+            for message in result.stopped.values():
+                console.print(f"[red]{escape(message)}")
+            raise SystemExit(3)
 
 
 class Check(BaseModel):

@@ -250,3 +250,25 @@ def test_collector_retry_after_as_an_http_date():
     assert fetched.content == b"photo" and fetched.attempts == 2
     # the date paused the whole host (not the 0.05 s backoff), and the retry came after it
     assert paused_until > calls[0] + 0.5 and calls[1] >= paused_until - 0.01
+
+
+# -- block pages behind redirects and error answers ----------------------------------------------
+def test_collector_block_pages_behind_a_503_or_a_redirect_are_not_retried_at_once():
+    from collector.blocks import block_check
+    from collector.config import SiteProfile
+
+    captcha = b"<html><title>Robot Check</title><h4>Enter the characters you see below</h4>"
+    with Stub({"/robots.txt": text("", 404),
+               "/s": lambda h: answer(h, 503, captcha),
+               "/busy": lambda h: answer(h, 503, b"<h1>Service Unavailable</h1>"),
+               "/k": redirect("/errors/validateCaptcha?amzn=1")}) as shop:
+        check = block_check(SiteProfile(card="div.s-result-item"))
+        error = run(lambda f: f.get(shop.url + "/s", block_check=check), shop.url)
+        assert (error.reason, error.blocked, error.http_status) == ("captcha", True, 503)
+        assert shop.hits["/s"] == 1                       # a block: no immediate retries
+        busy = run(lambda f: f.get(shop.url + "/busy", block_check=check), shop.url,
+                   retries=1)
+        assert busy.reason == "http_503" and shop.hits["/busy"] == 2   # an outage: retried
+        hop = run(lambda f: f.get(shop.url + "/k", block_check=check), shop.url)
+        assert (hop.reason, hop.blocked) == ("captcha", True)
+        assert not any(k.startswith("/errors/") for k in shop.hits)   # not followed
