@@ -5,13 +5,16 @@ printed at start."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import sys
 import time
 
 import httpx
+import pytest
 
 from collector.manifest import Manifest
 from loadtests.servers import free_port, launch
+from tests.review.conftest import card, open_page
 
 SECRET = b"api_key=do-not-serve-me\n"
 
@@ -106,3 +109,23 @@ def test_review_token_by_header_and_the_host_check_off_loopback(review_manifest,
         response = client.post("/api/actions", headers={**auth, "Origin": "http://evil.example"},
                                json={"action": "approve", "ids": [1]})
         assert response.status_code == 403 and "cross-origin" in response.json()["error"]
+
+
+@pytest.mark.parametrize("review_manifest", [4], indirect=True)
+def test_review_page_filters_and_shows_flagged_titles(browser, review_manifest, review_server):
+    """`off_topic: flag` in sources.yaml: the page filters the flagged cards and says why."""
+    flagged = review_manifest["ids"]["dress"][1]
+    db = sqlite3.connect(review_manifest["manifest"])
+    with db:
+        db.execute("UPDATE images SET title_verdict = 'off_topic', title_rule = ? WHERE id = ?",
+                   ("exclude '<b>petticoat*</b>'", flagged))
+        db.execute("UPDATE images SET title_verdict = 'on_topic' WHERE id != ?", (flagged,))
+    db.close()
+    page = open_page(browser, review_server.url + "/#title=off_topic", [])
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 1")
+    note = card(page, flagged).locator(".off-topic")
+    assert note.text_content() == "off-topic title: exclude '<b>petticoat*</b>'"   # as text
+    assert page.locator("#f-title").input_value() == "off_topic"
+    page.select_option("#f-title", "on_topic")
+    page.wait_for_function("document.querySelectorAll('#grid .card').length > 1")
+    assert card(page, flagged).count() == 0 and page.errors == []

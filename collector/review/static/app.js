@@ -6,7 +6,7 @@
 const $ = (sel) => document.querySelector(sel);
 const PAGE_SIZE = 60;
 const FILTER_DEFAULTS = {label: "", review: "all", status: "all", shop: "", min_suspect: "",
-                         confident_only: "", text: "", group: "", sort: "id"};
+                         confident_only: "", text: "", group: "", title: "all", sort: "id"};
 
 const state = {
   view: "grid",
@@ -66,6 +66,7 @@ function syncControls() {
   const f = state.filters;
   $("#f-review").value = f.review;
   $("#f-status").value = f.status;
+  $("#f-title").value = f.title;
   $("#f-shop").value = f.shop;
   $("#f-suspect").value = f.min_suspect || 0;
   $("#f-suspect-out").textContent = f.min_suspect ? Number(f.min_suspect).toFixed(2) : "off";
@@ -244,6 +245,7 @@ function fillCard(el, item) {
       <div class="source"><a class="shop" target="_blank" rel="noreferrer noopener"></a>
         ${item.group_size > 1 ? `<span class="group" title="near-duplicate group: g shows it">group ${item.group_id} (${item.group_size})</span>` : ""}</div>
       ${collectorNote ? `<div class="note"></div>` : ""}
+      ${item.title_verdict === "off_topic" ? `<div class="note off-topic" title="a title rule in sources.yaml says this title contradicts its label"></div>` : ""}
       ${item.review_reason ? `<div class="reason"></div>` : ""}
     </div>`;
   // Untrusted text from the crawl goes in with textContent, never innerHTML.
@@ -259,6 +261,9 @@ function fillCard(el, item) {
   const source = safeUrl(item.product_url) || safeUrl(item.page_url) || safeUrl(item.url);
   if (source) shop.href = source;
   if (collectorNote) el.querySelector(".note").textContent = collectorNote;
+  if (item.title_verdict === "off_topic") {
+    el.querySelector(".off-topic").textContent = `off-topic title: ${item.title_rule || ""}`;
+  }
   const group = el.querySelector(".group");
   if (group) {
     group.addEventListener("click", (event) => {
@@ -658,6 +663,7 @@ function wire() {
   document.addEventListener("keydown", onKey);
   $("#f-review").addEventListener("change", (e) => setFilter({review: e.target.value}));
   $("#f-status").addEventListener("change", (e) => setFilter({status: e.target.value}));
+  $("#f-title").addEventListener("change", (e) => setFilter({title: e.target.value}));
   $("#f-shop").addEventListener("change", (e) => setFilter({shop: e.target.value}));
   $("#f-sort").addEventListener("change", (e) => setFilter({sort: e.target.value}));
   $("#f-confident").addEventListener("change", (e) => setFilter({confident_only: e.target.checked ? "true" : ""}));
