@@ -71,6 +71,14 @@ def _read(onnx_path: Path) -> tuple[ModelContract, dict | None]:
     return contract, gate
 
 
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value if v is not None]
+    return value
+
+
 def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
                   metrics: dict | None = None, extra_files: list[Path] | tuple = ()) -> str:
     """Copy an exported ONNX model (and extras) into the BentoML model store; returns the tag."""
@@ -80,6 +88,7 @@ def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
     metadata = {"contract": contract.model_dump(mode="json"), "metrics": metrics or {}}
     if gate is not None:  # repeated for `bentoml models get`; the file's copy is what counts
         metadata["accuracy_gate"] = gate
+    metadata = _without_none(metadata)  # BentoML's metadata refuses None (unset = absent)
     labels = {"version": contract.version, "architecture": contract.architecture or "unknown"}
     with bentoml.models.create(name, labels=labels, metadata=metadata,
                                module="product_classifier.onnx") as model_ref:
