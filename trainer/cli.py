@@ -17,12 +17,15 @@ class Train(TrainConfig):
     checkpoints, history and the evaluation report."""
 
     def cli_cmd(self) -> None:
+        import os
+
         from trainer.evaluate import evaluate
         from trainer.train import train
 
         config = TrainConfig.model_validate(self.model_dump())
         result = train(config)
-        evaluate(result.run_dir)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one report, by rank 0
+            evaluate(result.run_dir)
 
 
 class Evaluate(BaseModel):

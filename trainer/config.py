@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
         "features "
         "transfer as they are, and not back-propagating through the high-resolution stages "
         "makes each step cheaper"))
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the linear head")
     ema_decay: float = Field(0.0, ge=0, lt=1, description=(
         "exponential moving average of weights (e.g. 0.998); 0 = off"))
     patience: int = Field(3, ge=1, description=(
@@ -128,7 +129,10 @@ class TrainConfig(BaseModel):
 
     # --- run ---------------------------------------------------------------------------------
     seed: int = Field(0)
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description=(
+        "auto | cpu | cuda | cuda:N. Several processes: `torchrun --nproc-per-node N -m "
+        "trainer train ...` (NCCL on GPUs, one per process; gloo on CPU); batch_size stays "
+        "the global batch"))
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     channels_last: bool = Field(True, description="NHWC memory layout: faster convs on CPU")
     max_steps_per_epoch: int | None = Field(None, ge=1, description=(

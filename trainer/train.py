@@ -29,9 +29,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from sklearn.metrics import f1_score
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from service.contract import ModelContract
+from trainer import distributed
 from trainer.calibration import calibration_report
 from trainer.config import TrainConfig, TrainerError, load_config, save_config
 from trainer.data import (
@@ -46,6 +47,7 @@ from trainer.data import (
     imbalance_ratio,
     train_transform,
 )
+from trainer.distributed import Processes, barrier, shard, wrap
 from trainer.models import BACKBONES, Classifier, build_model, set_batchnorm_eval
 from trainer.runs import RunDir, atomic_torch_save, atomic_write_json, load_checkpoint
 
@@ -256,18 +258,49 @@ def make_schedule(optimizer, config: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_loader(train_set: TrainImages, config: TrainConfig, epoch: int) -> DataLoader:
-    # A generator seeded per epoch: a resumed run sees the same order as an unbroken one.
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    sampler = None
-    if config.balance == "sampler":
-        counts = class_counts(train_set.labels, max(train_set.labels) + 1)
-        per_sample = [1.0 / counts[label] for label in train_set.labels]
-        sampler = WeightedRandomSampler(per_sample, len(per_sample), generator=generator)
-    return DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None,
-                      sampler=sampler, generator=generator, num_workers=config.workers,
-                      collate_fn=collate_skipping, drop_last=len(train_set) > config.batch_size,
+class EpochBatches(Sampler):
+    """The epoch's global batches of `batch_size` photo indices, and this process's slice of
+    each (all of it on one process). Seeded per epoch: a resumed run sees the same order as an
+    unbroken one, and every process cuts the same global batches."""
+
+    def __init__(self, labels: list[int], config: TrainConfig, epoch: int,
+                 processes: Processes):
+        self.labels, self.config, self.epoch, self.processes = labels, config, epoch, processes
+
+    def _global_batches(self) -> list[list[int]]:
+        n, size = len(self.labels), self.config.batch_size
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.epoch)
+        if self.config.balance == "sampler":
+            counts = class_counts(self.labels, max(self.labels) + 1)
+            per_sample = torch.tensor([1.0 / counts[label] for label in self.labels])
+            order = torch.multinomial(per_sample, n, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n, generator=generator)
+        order = order.tolist()
+        batches = [order[i:i + size] for i in range(0, n, size)]
+        if n > size and len(batches[-1]) < size:
+            batches.pop()  # a last, smaller batch gives one noisy step
+        return batches
+
+    def __iter__(self):
+        return (shard(batch, self.processes) for batch in self._global_batches())
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+
+def train_loader(train_set: TrainImages, config: TrainConfig, epoch: int,
+                 processes: Processes | None = None) -> DataLoader:
+    processes = processes or Processes()
+    return DataLoader(train_set, batch_sampler=EpochBatches(train_set.labels, config, epoch,
+                                                            processes),
+                      num_workers=config.workers, collate_fn=collate_skipping,
                       persistent_workers=False)
+
+
+def seed_epoch(config: TrainConfig, epoch: int, processes: Processes) -> None:
+    # Augmentation and dropout draws: resumable; each process draws its own.
+    torch.manual_seed(config.seed * 1000 + epoch + 7919 * processes.rank)
 
 
 @torch.no_grad()
@@ -281,8 +314,11 @@ def update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
 
 def train_one_epoch(model: Classifier, loader: DataLoader, optimizer, schedule, config: TrainConfig,
                     device: torch.device, loss_weights: torch.Tensor | None, steps: int,
-                    ema: Classifier | None, progress: Progress, description: str) -> dict:
-    """At most `steps` optimizer steps over loader; returns the epoch's mean loss and speed."""
+                    ema: Classifier | None, progress: Progress, description: str,
+                    net: torch.nn.Module | None = None) -> dict:
+    """At most `steps` optimizer steps over loader; returns the epoch's mean loss and speed.
+    `net` runs the forward pass: model itself, or its DistributedDataParallel wrapper."""
+    net = net or model
     model.train()
     model.freeze_stages(config.frozen_stages)
     if config.freeze_bn:
@@ -299,7 +335,7 @@ def train_one_epoch(model: Classifier, loader: DataLoader, optimizer, schedule, 
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device):
-            logits = model(images)
+            logits = net(images)
         loss = F.cross_entropy(logits.float(), labels, weight=weights,
                                label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -342,9 +378,10 @@ class Checkpointer:
     (everything --resume needs) after each phase or epoch, atomically."""
 
     def __init__(self, run: RunDir, config: TrainConfig, contract: ModelContract,
-                 console: Console, elapsed_before: float = 0.0):
+                 console: Console, elapsed_before: float = 0.0, writes: bool = True):
         self.run, self.config, self.contract, self.console = run, config, contract, console
         self.started = time.perf_counter() - elapsed_before
+        self.writes = writes  # rank 0 only when several processes train
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -382,9 +419,12 @@ class Checkpointer:
                   "config": self.config.model_dump(mode="json")}
         if improved:
             state.best = row
+        state.elapsed = self.elapsed()
+        if not self.writes:
+            return improved
+        if improved:
             atomic_torch_save({"model": eval_model.state_dict(), "metrics": row, **common},
                               self.run.best)
-        state.elapsed = self.elapsed()
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "schedule": schedule.state_dict(),
                            "ema": ema.state_dict() if ema is not None else None,
@@ -405,7 +445,7 @@ def summary_line(row: dict, improved: bool) -> str:
 
 # --- the run ----------------------------------------------------------------------------------
 
-def open_run(config: TrainConfig) -> tuple[TrainConfig, RunDir]:
+def open_run(config: TrainConfig, processes: Processes) -> tuple[TrainConfig, RunDir]:
     """The config to train with (a resumed run's own) and its run folder, config saved."""
     run = RunDir(config.out)
     if config.resume:
@@ -415,8 +455,10 @@ def open_run(config: TrainConfig) -> tuple[TrainConfig, RunDir]:
                            "or choose another --out")
     # An absolute data path: `--resume` from another directory still finds the photos.
     config = config.model_copy(update={"data": Path(config.data).resolve()})
-    run.root.mkdir(parents=True, exist_ok=True)
-    save_config(config, run.root)
+    barrier()  # every process has looked before rank 0 writes
+    if processes.main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.root)
     return config, run
 
 
@@ -444,7 +486,8 @@ class TrainData:
     loss_weights: torch.Tensor | None
 
 
-def load_data(config: TrainConfig, run: RunDir, console: Console) -> TrainData:
+def load_data(config: TrainConfig, run: RunDir, console: Console,
+              processes: Processes) -> TrainData:
     """Discover the splits, decode train into RAM and validation through the contract."""
     splits = discover(config.data, val_fraction=config.val_fraction, seed=config.seed,
                       min_images_per_class=config.min_images_per_class,
@@ -458,7 +501,8 @@ def load_data(config: TrainConfig, run: RunDir, console: Console) -> TrainData:
         val_set = EvalImages(splits.val, contract, skipped, progress=progress)
     if len(val_set) == 0:
         raise TrainerError("no validation image could be decoded")
-    write_dataset_info(run, config.data, splits, train_set, val_set, skipped)
+    if processes.main:
+        write_dataset_info(run, config.data, splits, train_set, val_set, skipped)
     console.print(f"{len(splits.labels)} labels, {len(train_set)} train / {len(val_set)} val "
                   f"images (validation: {splits.val_source}); {len(skipped)} skipped")
     num_classes = len(splits.labels)
@@ -500,21 +544,25 @@ def head_phase(model: Classifier, data: TrainData, config: TrainConfig, device: 
 
 def new_model(config: TrainConfig, num_classes: int, device: torch.device) -> Classifier:
     torch.manual_seed(config.seed)  # the same head initialisation in every fold and refit
-    model = build_model(config.arch, num_classes, config.weights).to(device)
+    model = build_model(config.arch, num_classes, config.weights,
+                        dropout=config.dropout).to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 def fine_tune_fold(model: Classifier, train_set: TrainImages, plan: Plan, config: TrainConfig,
-                   device: torch.device, loss_weights, console: Console, name: str) -> None:
+                   device: torch.device, loss_weights, console: Console, name: str,
+                   processes: Processes) -> None:
     """The fixed schedule on one fold, start to end: no evaluation, no checkpoints."""
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, plan.steps)
+    model.freeze_stages(config.frozen_stages)
+    net = wrap(model, processes, device)
     for epoch in range(plan.epochs):
-        torch.manual_seed(config.seed * 1000 + epoch)
+        seed_epoch(config, epoch, processes)
         with progress_bar(console) as progress:
-            train_one_epoch(model, train_loader(train_set, config, epoch), optimizer, schedule,
-                            config, device, loss_weights, plan.steps_in(epoch), None, progress,
-                            f"{name}: epoch {epoch + 1}/{plan.epochs}")
+            train_one_epoch(model, train_loader(train_set, config, epoch, processes), optimizer,
+                            schedule, config, device, loss_weights, plan.steps_in(epoch), None,
+                            progress, f"{name}: epoch {epoch + 1}/{plan.epochs}", net)
 
 
 # --- model selection on a small validation split --------------------------------------------
@@ -563,7 +611,8 @@ def pooled(data: TrainData, config: TrainConfig, console: Console) -> TrainData:
 
 
 def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
-                   device: torch.device, console: Console, run: RunDir) -> Selection:
+                   device: torch.device, console: Console, run: RunDir,
+                   processes: Processes) -> Selection:
     """k stratified folds of train+val: on each, the linear probe and the fixed fine-tuning
     schedule (head phase, then the step budget) train on k-1 folds and predict the held-out
     one. Every photo is then predicted once by each candidate, by a model that never saw it:
@@ -603,7 +652,7 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
                    fold.loss_weights, device)
         probe = model.head(feats[held_idx].to(device)).detach().float().cpu().numpy()
         fine_tune_fold(model, fold.train_set, plan, config, device, fold.loss_weights, console,
-                       f"fold {k + 1}/{n_splits}")
+                       f"fold {k + 1}/{n_splits}", processes)
         tuned = predict(model, evaluated.tensor[held_idx], config.eval_batch_size, device,
                         config.channels_last).numpy()
         oof["probe"][held_idx], oof["finetune"][held_idx] = probe, tuned
@@ -616,7 +665,8 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
         console.print(f"fold {k + 1}/{n_splits}: probe {row['probe_acc']:.4f}, fine-tuned "
                       f"{row['finetune_acc']:.4f} on {len(held_idx)} held-out photos "
                       f"({row['wall_s']:.0f}s)")
-        atomic_write_json(run.selection, {"mode": "cv", "folds": folds})
+        if processes.main:
+            atomic_write_json(run.selection, {"mode": "cv", "folds": folds})
     return decide(selection, folds, oof, labels, evaluated.samples, num_classes)
 
 
@@ -683,27 +733,29 @@ def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainCo
 # --- the run ----------------------------------------------------------------------------------
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+    processes, device_name = distributed.start(config.device)
     console = console or Console()
+    if not processes.main:
+        console = Console(quiet=True)  # one process reports, the others train
     setup_logging(console)
-    config, run = open_run(config)
-    console.rule(f"trainer: {run.root}")
+    config, run = open_run(config, processes)
+    console.rule(f"trainer: {run.root}"
+                 + (f" ({processes.world} processes)" if processes.distributed else ""))
     console.print_json(config.model_dump_json())
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    device = pick_device(device_name)
     started = time.perf_counter()
-    data = load_data(config, run, console)
+    data = load_data(config, run, console, processes)
 
     selection = choose_selection(config, len(data.train_set), len(data.val_set))
     console.print(f"model selection: {selection.mode}: {selection.reason}")
     if selection.mode == "cv":
         data = pooled(data, config, console)
-        selection = cross_validate(selection, data, config, device, console, run)
+        selection = cross_validate(selection, data, config, device, console, run, processes)
         console.print(f"[bold]chosen:[/] {selection.summary['why']}")
-    plan = plan_schedule(config, len(data.train_set) if selection.finetune else 0)
-    if not selection.finetune:
-        plan = Plan(0, 1, 1)
+    plan = plan_schedule(config, len(data.train_set)) if selection.finetune else Plan(0, 1, 1)
     console.print(plan.describe(len(data.train_set)))
 
     model = new_model(config, len(data.labels), device)
@@ -711,7 +763,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     schedule = make_schedule(optimizer, config, plan.steps)
     ema = copy.deepcopy(model).eval() if config.ema_decay else None
     checkpointer = Checkpointer(run, config, data.contract, console,
-                                elapsed_before=time.perf_counter() - started)
+                                elapsed_before=time.perf_counter() - started,
+                                writes=processes.main)
     state = checkpointer.restore(model, optimizer, schedule, ema, plan)
 
     if config.head_epochs and not state.head_done:
@@ -721,17 +774,20 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         state.head_done = True
         checkpointer.record(state, row, model, model, optimizer, schedule, ema)
 
+    model.freeze_stages(config.frozen_stages)
+    net = wrap(model, processes, device)  # after the head phase, which trains on all photos
     for epoch in range(state.epoch, plan.epochs):
         if selection.mode == "val" and state.evals_since_best() >= config.patience:
             console.print(f"early stop: no better validation macro-F1 for {config.patience} "
                           "evaluations")
             break
-        torch.manual_seed(config.seed * 1000 + epoch)  # augmentation draws: resumable
+        seed_epoch(config, epoch, processes)
         with progress_bar(console) as progress:
-            metrics = train_one_epoch(model, train_loader(data.train_set, config, epoch),
+            metrics = train_one_epoch(model, train_loader(data.train_set, config, epoch,
+                                                          processes),
                                       optimizer, schedule, config, device, data.loss_weights,
                                       plan.steps_in(epoch), ema, progress,
-                                      f"epoch {epoch + 1}/{plan.epochs}")
+                                      f"epoch {epoch + 1}/{plan.epochs}", net)
         if not plan.evaluates_after(epoch):
             continue
         eval_model = ema if ema is not None else model
@@ -741,7 +797,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         state.epoch = epoch + 1
         checkpointer.record(state, row, model, eval_model, optimizer, schedule, ema)
 
-    calibration = finalise(run, selection, data, config, device, console)
+    calibration = (finalise(run, selection, data, config, device, console)
+                   if processes.main else {})
+    distributed.stop()  # the other processes wait for rank 0's files
     best = state.best
     chosen = (selection.summary["why"] if selection.mode == "cv" else
               f"best epoch {best['epoch']} ({best['phase']}) val acc {best['val_acc']:.4f}, "

@@ -94,8 +94,9 @@ def test_small_validation_is_cross_validated_against_the_probe(cv_run, tiny_fold
     # The refit trains on train+val with the fixed schedule: no validation rows to pick from.
     history = json.loads(RunDir(out).history.read_text())
     assert all("val_acc" not in row for row in history)
-    expected_phases = ["head", "finetune"] if selection["finetune"] else ["head"]
-    assert [row["phase"] for row in history] == expected_phases
+    phases = [row["phase"] for row in history]
+    assert phases[0] == "head" and set(phases[1:]) == ({"finetune"} if selection["finetune"]
+                                                       else set())
     assert result.selection["summary"] == selection["summary"]
 
 
