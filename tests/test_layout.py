@@ -27,9 +27,16 @@ def modules() -> dict[str, Path]:
 
 def project_imports(path: Path, known: set[str]) -> set[str]:
     """Project modules that `path` imports anywhere, lazy imports inside functions included
-    (a circle through a lazy import still ties the two modules together)."""
+    (a circle through a lazy import still ties the two modules together); `if TYPE_CHECKING:`
+    blocks are left out: annotations only, never run."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for node in ast.walk(block)}
     imported = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
