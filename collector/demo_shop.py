@@ -36,6 +36,14 @@ every run, and every resumed run, meets the same ones:
 Tests can also set `shop.blocking` to "captcha" or "no_cards": then every listing page is a
 block page, as when a marketplace has decided the client is a bot.
 `/_plan.json` lists which product got which fault, for tests and curious users.
+
+Colour in titles: where `colours.json` beside the catalog names a photo's colour, its title
+starts with it ("Blue Dress no. 3") and the sources file write_sources writes has a `colour`
+attribute rule, so a crawl of the demo records colour per image. The file is written once by
+`--write-colours` from each photo's dominant hue bucket (`photo_colour`): a cheap, honest
+heuristic, noisy the way title-derived labels are (a grey background read as the garment, a
+print read as its main colour); colours with fewer than MIN_COLOUR_PHOTOS photos are left out,
+so about a third of the photos carry no colour word (their attribute is "unknown").
 """
 
 from __future__ import annotations
@@ -62,6 +70,12 @@ FAULTS = ("429", "500", "slow", "truncated", "corrupt", "html", "webp", "bomb", 
 _FAULT_SHARE = {"429": 1, "500": 2, "slow": 1, "truncated": 1, "corrupt": 1, "html": 1,
                 "webp": 2, "bomb": 0, "tiny": 0, "missing": 0, "robots": 0, "offtopic": 0,
                 "offsite": 0}
+COLOURS_FILE = "colours.json"   # beside the catalog folder: "label/file.jpg" -> colour
+MIN_COLOUR_PHOTOS = 10
+# Title words per colour for the attribute rule (what shops also write for the same colour).
+COLOUR_WORDS = {"black": ["black"], "blue": ["blue", "navy"], "grey": ["grey", "gray"],
+                "orange": ["orange"], "red": ["red"], "white": ["white"], "green": ["green"],
+                "pink": ["pink"], "brown": ["brown"], "yellow": ["yellow"], "purple": ["purple"]}
 OFF_TOPIC = "gift card"   # what the offtopic fault's title says; write_sources excludes it
 PER_PAGE = 12
 WIDTHS = (200, 300)     # smaller srcset candidates; the original is the largest
@@ -106,10 +120,68 @@ def _rank(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def photo_colour(path: Path) -> str | None:
+    """The garment's colour bucket, or None when no bucket holds half of its pixels.
+
+    The background is the median of the border pixels; pixels of the centre within 40 levels
+    of it are ignored; the rest are bucketed by HSV (dark -> black, unsaturated -> white or
+    grey, else by hue) and the largest bucket wins if it holds at least half of them.
+    """
+    import numpy as np
+
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    centre = rgb[12:52, 12:52].reshape(-1, 3)
+    keep = np.abs(centre - np.median(border, axis=0)).max(1) > 40
+    if keep.mean() < 0.2:
+        return None
+    pixels = centre[keep].reshape(1, -1, 3).astype(np.uint8)
+    hsv = np.asarray(Image.fromarray(pixels).convert("HSV"), dtype=np.float32)[0]
+    h, s, v = hsv[:, 0] * 360 / 255, hsv[:, 1] / 255, hsv[:, 2] / 255
+    names = np.select(
+        [v < 0.22, (s < 0.18) & (v > 0.8), s < 0.18, (h < 15) | (h >= 340), h < 40, h < 70,
+         h < 165, h < 260, h < 300],
+        ["black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple"], "pink")
+    names = names.astype(object)
+    names[(h >= 15) & (h < 40) & (s >= 0.18) & (v >= 0.22) & (v < 0.6)] = "brown"
+    values, counts = np.unique(names.astype(str), return_counts=True)
+    best = int(counts.argmax())
+    return str(values[best]) if counts[best] / counts.sum() >= 0.5 else None
+
+
+def write_colours(catalog: Path) -> Path:
+    """colours.json beside the catalog: the colour of each photo whose colour is common
+    enough (MIN_COLOUR_PHOTOS) to learn."""
+    found = {f"{p.parent.name}/{p.name}": photo_colour(p)
+             for p in sorted(catalog.glob("*/*")) if p.suffix.lower() in (".jpg", ".jpeg",
+                                                                          ".png", ".webp")}
+    counts: dict[str, int] = {}
+    for colour in found.values():
+        if colour:
+            counts[colour] = counts.get(colour, 0) + 1
+    kept = {key: colour for key, colour in found.items()
+            if colour and counts[colour] >= MIN_COLOUR_PHOTOS}
+    path = catalog.parent / COLOURS_FILE
+    path.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_colours(catalog: Path) -> dict[str, str]:
+    path = Path(catalog).parent / COLOURS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def build_plan(catalog: Path, faults: set[str], per_label: int | None = None) -> ShopPlan:
     labels = sorted(p.name for p in catalog.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not labels:
         raise SystemExit(f"{catalog}: no label folders (expected an ImageFolder: LABEL/*.jpg)")
+    colours = load_colours(catalog)
+
+    def title(label: str, path: Path, rest: str) -> str:
+        colour = colours.get(f"{label}/{path.name}")
+        return f"{colour.title()} {label.title()}{rest}" if colour else f"{label.title()}{rest}"
+
     products: dict[str, DemoProduct] = {}
     listings: dict[str, list[str]] = {}
     for label in labels:
@@ -118,16 +190,16 @@ def build_plan(catalog: Path, faults: set[str], per_label: int | None = None) ->
         ids = []
         for n, path in enumerate(files):
             pid = f"{label[:3].upper()}{_rank(label + path.name)[:8]}"
-            products[pid] = DemoProduct(pid, label, f"{label.title()} no. {n + 1}", path)
+            products[pid] = DemoProduct(pid, label, title(label, path, f" no. {n + 1}"), path)
             ids.append(pid)
         # Planted duplicates: a smaller re-encode and a byte copy, each its own product.
         if len(files) >= 2:
             near = f"{ids[0]}N"
-            products[near] = DemoProduct(near, label, f"{label.title()} (outlet)", files[0],
-                                         variant="near")
+            products[near] = DemoProduct(near, label, title(label, files[0], " (outlet)"),
+                                         files[0], variant="near")
             exact = f"{ids[1]}X"
-            products[exact] = DemoProduct(exact, label, f"{label.title()} (reseller)", files[1],
-                                          variant="exact")
+            products[exact] = DemoProduct(exact, label, title(label, files[1], " (reseller)"),
+                                          files[1], variant="exact")
             ids[3:3] = [near, exact]
         listings[label] = ids
     # Faults hit fixed, disjoint products: the ones with the lowest hash for each fault.
@@ -177,6 +249,7 @@ class DemoShop:
         self.faults = set(faults or ())
         self.crawl_delay = crawl_delay
         self.plan = build_plan(self.catalog, self.faults, per_label)
+        self.colours = sorted(set(load_colours(self.catalog).values()))
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
         self.blocking: str | None = None  # "captcha" | "no_cards": every listing page is one
@@ -393,6 +466,9 @@ def write_sources(shop: DemoShop, path: Path, output_dir: str = "collected") -> 
         "download": {"retries": 4, "backoff_base": 0.2, "backoff_max": 5},
         "validation": {"min_side": 64},
     }
+    if shop.colours:    # the colour word the titles carry, as an attribute
+        config["attributes"] = {"colour": {colour: COLOUR_WORDS.get(colour, [colour])
+                                           for colour in shop.colours}}
     if "offtopic" in shop.faults:   # every label turns away a title naming something else
         config["title_rules"] = {label: {"title_exclude": [f"{OFF_TOPIC}*"]}
                                  for label in sorted(shop.plan.listings)}
@@ -418,7 +494,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="write a sources.yaml that crawls this shop, then keep serving")
     parser.add_argument("--output-dir", default="collected",
                         help="output_dir written into that sources.yaml")
+    parser.add_argument("--write-colours", action="store_true",
+                        help=f"(re)write {COLOURS_FILE} beside the catalog from each photo's "
+                             "dominant colour, then exit")
     args = parser.parse_args(argv)
+    if args.write_colours:
+        print(f"wrote {write_colours(args.catalog)}")
+        return
     faults = (set(FAULTS) if args.faults == "all" else set() if args.faults == "none"
               else {f.strip() for f in args.faults.split(",") if f.strip()})
     shop = DemoShop(args.catalog, faults, args.port, args.per_label)

@@ -14,7 +14,8 @@ leaves no half dataset):
     OUT/train/LABEL/SHA.jpg, OUT/val/..., OUT/test/...
     OUT/manifest.csv   split, label, file, sha256, phash, group_id (the cluster's smallest
                        sha256), url, product, page, size, title verdict and rule,
-                       extra_NAME (card fields), attr_NAME (attribute values); sorted by
+                       extra_NAME (card fields), attr_NAME (attribute values, a reviewer's
+                       value over the rules'); sorted by
                        split, label, file
     OUT/stats.json     images per label and split, rejects by reason, settings
     OUT.zip            optional, the same tree in one archive to hand over
@@ -119,7 +120,8 @@ def export_dataset(manifest: Manifest, out_dir: Path, *, val: float = 0.1, test:
     tmp.mkdir(parents=True)
     counts: dict[str, dict[str, int]] = {}
     extras = [_json(r["extra"]) for r in rows]
-    attributes = [_json(r["attributes"]) for r in rows]
+    # A reviewer's attribute value wins over the title rules' (EFFECTIVE_ATTRIBUTES_SQL).
+    attributes = [_json(r["effective_attributes"]) for r in rows]
     extra_names = sorted({name for e in extras for name in e})
     attribute_names = sorted({name for a in attributes for name in a})
     fields = ["split", "label", "file", "sha256", "phash", "group_id", "width", "height",

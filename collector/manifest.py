@@ -25,7 +25,9 @@ images: one row per (label, image url) discovered.
     split that listing), title_verdict ('on_topic' | 'off_topic' | 'unmatched' | NULL = no
     rule applies or no title), title_rule (the rule that decided, e.g. "exclude 'blouse'"),
     extra (JSON: the site profile's extra card fields, e.g. {"price": "$19.99"}),
-    attributes (JSON: attribute -> value from the attribute rules, "unknown" when unclear).
+    attributes (JSON: attribute -> value from the attribute rules, "unknown" when unclear),
+    review_attributes (JSON: attribute -> value a reviewer set; wins over `attributes` and is
+    never touched by the rules; see EFFECTIVE_ATTRIBUTES_SQL).
 
     status, in the order an image moves through them:
       pending     discovered on a page, not downloaded yet (resume retries these)
@@ -51,7 +53,8 @@ meta: key/value (schema_version).
 
 Export rule (collector.export): an image is exported when review_status is not 'rejected' and
 either status = 'ok', or review_status = 'approved' and status is 'duplicate' or 'conflict'
-(the reviewer resolved it). Its label is COALESCE(review_label, label).
+(the reviewer resolved it). Its label is COALESCE(review_label, label); its attributes are
+`attributes` with `review_attributes` laid over them.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ REVIEW_STATUSES = ("approved", "rejected")
 
 # The label an image counts under, after review.
 EFFECTIVE_LABEL_SQL = "COALESCE(review_label, label)"
+# Attribute values after review: a reviewer's value wins, key by key.
+EFFECTIVE_ATTRIBUTES_SQL = ("CASE WHEN review_attributes IS NULL THEN attributes "
+                            "ELSE json_patch(COALESCE(attributes, '{}'), review_attributes) END")
 # Which rows go into a dataset (see the module docstring).
 EXPORTABLE_SQL = (
     "(review_status IS NULL OR review_status != 'rejected') AND "
@@ -85,7 +91,8 @@ STORED_STATUSES = ("downloaded", "ok", "duplicate", "conflict")
 RULE_REASONS = ("off_topic_title", "no_label_rule")
 # Columns added after schema version 1: older manifests get them on open.
 _ADDED_COLUMNS = {"found_under": "TEXT", "title_verdict": "TEXT", "title_rule": "TEXT",
-                  "extra": "TEXT", "attributes": "TEXT"}
+                  "extra": "TEXT", "attributes": "TEXT",
+                  "review_attributes": "TEXT"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -148,6 +155,7 @@ CREATE TABLE IF NOT EXISTS images (
     title_rule    TEXT,
     extra         TEXT,
     attributes    TEXT,
+    review_attributes TEXT,
     UNIQUE (label, url)
 );
 CREATE INDEX IF NOT EXISTS images_status ON images (status);
@@ -347,7 +355,8 @@ class Manifest:
 
     def exportable_images(self) -> list[sqlite3.Row]:
         return self.db.execute(
-            f"SELECT *, {EFFECTIVE_LABEL_SQL} AS effective_label FROM images "
+            f"SELECT *, {EFFECTIVE_LABEL_SQL} AS effective_label, "
+            f"{EFFECTIVE_ATTRIBUTES_SQL} AS effective_attributes FROM images "
             f"WHERE {EXPORTABLE_SQL} AND path IS NOT NULL ORDER BY id").fetchall()
 
     # -- summaries -----------------------------------------------------------------------
@@ -360,11 +369,12 @@ class Manifest:
         return out
 
     def attribute_counts(self) -> dict[str, dict[str, int]]:
-        """{attribute: {value: images}} over the images export would write."""
+        """{attribute: {value: images}} over the images export would write (after review)."""
         out: dict[str, dict[str, int]] = {}
         for row in self.db.execute(
-                f"SELECT a.key, a.value, COUNT(*) FROM images, json_each(images.attributes) a "
-                f"WHERE attributes IS NOT NULL AND {EXPORTABLE_SQL} GROUP BY 1, 2 ORDER BY 1, 2"):
+                f"SELECT a.key, a.value, COUNT(*) FROM images, "
+                f"json_each({EFFECTIVE_ATTRIBUTES_SQL}) a WHERE (attributes IS NOT NULL OR "
+                f"review_attributes IS NOT NULL) AND {EXPORTABLE_SQL} GROUP BY 1, 2 ORDER BY 1, 2"):
             out.setdefault(row[0], {})[row[1]] = row[2]
         return out
 

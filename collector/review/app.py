@@ -57,10 +57,13 @@ class ReviewConfig(BaseModel):
 
 
 class ActionRequest(BaseModel):
-    action: Literal["approve", "reject", "relabel", "accept_suggestion", "clear"]
+    action: Literal["approve", "reject", "relabel", "accept_suggestion", "clear", "set_attribute"]
     ids: list[int] = Field(min_length=1, max_length=5000)
     reason: str | None = Field(None, max_length=500)
     label: str | None = Field(None, max_length=100)
+    # set_attribute: which attribute, and its value (null: back to the title rules' value)
+    attribute: str | None = Field(None, max_length=64)
+    value: str | None = Field(None, max_length=100)
 
 
 class KeepRequest(BaseModel):
@@ -185,7 +188,8 @@ def create_app(manifest: Path, thumbnail_dir: Path | None = None,
     async def action(request: Request) -> Response:
         body = _validated(ActionRequest, await _json(request))
         return JSONResponse(store.apply(body.action, body.ids, reason=body.reason,
-                                        label=body.label))
+                                        label=body.label, attribute=body.attribute,
+                                        value=body.value))
 
     def undo(request: Request) -> Response:
         return JSONResponse(store.undo())

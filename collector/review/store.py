@@ -1,7 +1,7 @@
 """The review page's reads and writes on the collector's manifest (SQLite, WAL).
 
 Decisions go into the manifest's own review columns (review_status, review_label,
-review_reason, reviewed_at; see collector/manifest.py), so `collector export` honours them
+review_reason, reviewed_at, review_attributes; see collector/manifest.py), so `collector export` honours them
 with no hand-off file. Each action is ONE transaction that writes those columns and appends
 the previous values to `review_actions`, so undo can restore exactly what was there.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from collector.manifest import (
+    EFFECTIVE_ATTRIBUTES_SQL,
     EFFECTIVE_LABEL_SQL,
     EXPORTABLE_SQL,
     MANIFEST_FILE,
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS review_actions (
     before_status TEXT, before_label TEXT, before_reason TEXT, before_at REAL,
     after_status  TEXT, after_label  TEXT, after_reason  TEXT,
     at            REAL NOT NULL,
-    undone_at     REAL
+    undone_at     REAL,
+    before_attributes TEXT, after_attributes TEXT
 );
 CREATE INDEX IF NOT EXISTS review_actions_batch ON review_actions (batch);
 CREATE TABLE IF NOT EXISTS review_predictions (
@@ -69,7 +71,9 @@ CREATE INDEX IF NOT EXISTS review_images_shop ON images (shop, id);
 
 IMAGE_DIR = "images"   # the collector's content-addressed store, beside the manifest
 
-Action = Literal["approve", "reject", "relabel", "accept_suggestion", "clear"]
+Action = Literal["approve", "reject", "relabel", "accept_suggestion", "clear", "set_attribute"]
+# Columns review_actions gained after its first release: older manifests get them on open.
+_ADDED_ACTION_COLUMNS = ("before_attributes", "after_attributes")
 ReviewFilter = Literal["all", "todo", "approved", "rejected", "relabelled"]
 StatusFilter = Literal["all", "ok", "duplicate", "conflict", "downloaded"]
 GroupKind = Literal["all", "duplicate", "conflict"]
@@ -86,7 +90,7 @@ _COLUMNS = f"""
     i.dup_of, i.shop, i.product_id, i.product_title, i.product_url, i.page_url, i.url,
     i.width, i.height, i.bytes, i.sha256, i.path, i.review_status, i.review_label,
     i.review_reason, i.reviewed_at, i.title_verdict, i.title_rule, i.extra, i.attributes,
-    ({EXPORTABLE_SQL}) AS exported,
+    i.review_attributes, ({EXPORTABLE_SQL}) AS exported,
     p.predicted_label, p.predicted_prob, p.self_confidence, p.suspect_score, p.confident,
     (SELECT COUNT(*) FROM images g WHERE g.group_id = i.group_id) AS group_size
 """
@@ -134,6 +138,10 @@ class ReviewStore:
         Manifest(self.path).close()  # the collector's schema (idempotent), WAL mode on
         with self._connect() as db:
             db.executescript(REVIEW_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(review_actions)")}
+            for column in _ADDED_ACTION_COLUMNS:
+                if column not in have:
+                    db.execute(f"ALTER TABLE review_actions ADD COLUMN {column} TEXT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -190,7 +198,14 @@ class ReviewStore:
             total = db.execute(f"SELECT COUNT(*) FROM images i WHERE {_VISIBLE}").fetchone()[0]
             undoable = db.execute("SELECT COUNT(DISTINCT batch) FROM review_actions "
                                   "WHERE undone_at IS NULL").fetchone()[0]
+            attributes: dict[str, dict[str, int]] = {}
+            for name, value, n in db.execute(
+                    f"SELECT a.key, a.value, COUNT(*) FROM images i, json_each("
+                    f"{EFFECTIVE_ATTRIBUTES_SQL}) a WHERE {_VISIBLE} AND (i.attributes IS NOT "
+                    "NULL OR i.review_attributes IS NOT NULL) GROUP BY 1, 2 ORDER BY 1, 2"):
+                attributes.setdefault(name, {})[value] = n
         return {
+            "attributes": attributes,
             "manifest": str(self.path), "total": total, "labels": labels, "shops": shops,
             "statuses": statuses,
             "groups": {"duplicate": groups[0] or 0, "conflict": groups[1] or 0},
@@ -289,11 +304,14 @@ class ReviewStore:
 
     # -- writes ------------------------------------------------------------------------------
     def apply(self, action: Action, ids: list[int], reason: str | None = None,
-              label: str | None = None) -> dict:
+              label: str | None = None, attribute: str | None = None,
+              value: str | None = None) -> dict:
         """One decision on one or many images, in one transaction, logged for undo."""
         ids = list(dict.fromkeys(int(i) for i in ids))
         if not ids:
             raise ReviewError("no images selected")
+        if action == "set_attribute":
+            return self._set_attribute(ids, attribute, value)
         if action == "reject" and not (reason or "").strip():
             reason = "rejected"
         if action == "relabel":
@@ -315,6 +333,39 @@ class ReviewStore:
                     "after_reason, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (batch, image_id, action, row["review_status"], row["review_label"],
                      row["review_reason"], row["reviewed_at"], *after, now))
+                changes.append(image_id)
+        return {"batch": batch if changes else None, "changed": [self.get(i) for i in changes]}
+
+    def _set_attribute(self, ids: list[int], attribute: str | None,
+                       value: str | None) -> dict:
+        """A reviewer's attribute value (None: back to what the title rules say); the label
+        and review status are left as they are."""
+        attribute, value = _check_attribute(attribute, value)
+        now = time.time()
+        with self._transaction() as db:
+            rows = _fetch_rows(db, ids)
+            batch = _next_batch(db)
+            changes = []
+            for image_id in ids:
+                row = rows[image_id]
+                before = json.loads(row["review_attributes"]) if row["review_attributes"] else {}
+                after = {k: v for k, v in before.items() if k != attribute}
+                if value is not None:
+                    after[attribute] = value
+                if after == before:
+                    continue
+                encoded = json.dumps(after, sort_keys=True) if after else None
+                db.execute("UPDATE images SET review_attributes = ?, reviewed_at = ? "
+                           "WHERE id = ?", (encoded, now, image_id))
+                db.execute(
+                    "INSERT INTO review_actions (batch, image_id, action, before_status, "
+                    "before_label, before_reason, before_at, after_status, after_label, "
+                    "after_reason, at, before_attributes, after_attributes) "
+                    "VALUES (?,?,'set_attribute',?,?,?,?,?,?,?,?,?,?)",
+                    (batch, image_id, row["review_status"], row["review_label"],
+                     row["review_reason"], row["reviewed_at"], row["review_status"],
+                     row["review_label"], f"{attribute}: {value or 'from title rules'}", now,
+                     row["review_attributes"], encoded))
                 changes.append(image_id)
         return {"batch": batch if changes else None, "changed": [self.get(i) for i in changes]}
 
@@ -364,6 +415,9 @@ class ReviewStore:
                     "reviewed_at = ? WHERE id = ?",
                     (row["before_status"], row["before_label"], row["before_reason"],
                      row["before_at"], row["image_id"]))
+                if row["action"] == "set_attribute":   # other actions never touch attributes
+                    db.execute("UPDATE images SET review_attributes = ? WHERE id = ?",
+                               (row["before_attributes"], row["image_id"]))
             db.execute("UPDATE review_actions SET undone_at = ? WHERE batch = ?", (now, found))
         ids = list(dict.fromkeys(row["image_id"] for row in rows))
         return {"batch": found, "action": rows[0]["action"],
@@ -451,8 +505,11 @@ def build_page_query(query: ImageQuery) -> tuple[str, list, str, list]:
 
 def _card(row: sqlite3.Row) -> dict:
     card = dict(row)
-    for key in ("extra", "attributes"):
+    for key in ("extra", "attributes", "review_attributes"):
         card[key] = json.loads(card[key]) if card[key] else {}
+    # What export writes: the title rules' values with the reviewer's laid over them.
+    card["rule_attributes"] = card["attributes"]
+    card["attributes"] = {**card["attributes"], **card["review_attributes"]}
     card["exported"] = bool(card["exported"])
     card["confident"] = bool(card["confident"]) if card["confident"] is not None else None
     card.pop("path", None)
@@ -478,11 +535,24 @@ def _check_label(label: str | None) -> str:
     return label
 
 
+def _check_attribute(attribute: str | None, value: str | None) -> tuple[str, str | None]:
+    attribute = (attribute or "").strip()
+    if not attribute or not attribute.replace("_", "").isalnum():
+        raise ReviewError(f"attribute {attribute!r}: use letters, digits and '_' (as in "
+                          "sources.yaml)")
+    if value is not None:
+        value = value.strip()
+        if not value or len(value) > 100:
+            raise ReviewError(f"attribute {attribute!r}: a value of 1-100 characters, or null "
+                              "to go back to the title rules")
+    return attribute, value
+
+
 def _fetch_rows(db: sqlite3.Connection, ids: list[int]) -> dict[int, sqlite3.Row]:
     marks = ",".join("?" * len(ids))
     rows = {row["id"]: row for row in db.execute(
         f"SELECT i.id, i.label, i.review_status, i.review_label, i.review_reason, i.reviewed_at, "
-        f"p.predicted_label, p.predicted_prob {_FROM} WHERE i.id IN ({marks})", ids)}
+        f"i.review_attributes, p.predicted_label, p.predicted_prob {_FROM} WHERE i.id IN ({marks})", ids)}
     missing = [i for i in ids if i not in rows]
     if missing:
         raise ReviewError(f"no images with ids {missing}")

@@ -246,6 +246,7 @@ function fillCard(el, item) {
         ${item.group_size > 1 ? `<span class="group" title="near-duplicate group: g shows it">group ${item.group_id} (${item.group_size})</span>` : ""}</div>
       ${collectorNote ? `<div class="note"></div>` : ""}
       ${item.title_verdict === "off_topic" ? `<div class="note off-topic" title="a title rule in sources.yaml says this title contradicts its label"></div>` : ""}
+      ${Object.keys(item.attributes || {}).length ? `<div class="attrs"></div>` : ""}
       ${item.review_reason ? `<div class="reason"></div>` : ""}
     </div>`;
   // Untrusted text from the crawl goes in with textContent, never innerHTML.
@@ -273,6 +274,19 @@ function fillCard(el, item) {
     });
   }
   if (item.review_reason) el.querySelector(".reason").textContent = item.review_reason;
+  const attrs = el.querySelector(".attrs");
+  if (attrs) {
+    for (const [name, value] of Object.entries(item.attributes).sort()) {
+      const span = document.createElement("span");
+      const reviewed = name in (item.review_attributes || {});
+      span.className = `attr${reviewed ? " reviewed" : ""}${value === "unknown" ? " unknown" : ""}`;
+      span.dataset.attribute = name;
+      span.textContent = `${name}: ${value}`;
+      span.title = reviewed ? `set on review (title rules: ${item.rule_attributes[name] ?? "none"})`
+                            : "from the title rules in sources.yaml (v to change)";
+      attrs.append(span);
+    }
+  }
 }
 
 function safeUrl(url) {
@@ -336,6 +350,7 @@ async function act(action, extra = {}) {
     replaceItems(result.changed);
     const n = result.changed.length;
     toast(n ? `${action.replace("_", " ")}: ${n} image${n > 1 ? "s" : ""} · u to undo`
+            : action === "set_attribute" ? "nothing changed (already that value)"
             : "nothing changed (no model suggestion for these images)");
     state.selected.clear();
     if (single && n) moveFocus(1); else renderFocus();
@@ -448,6 +463,85 @@ $("#move-filter").addEventListener("keydown", (event) => {
 $("#move-dialog").addEventListener("close", () => {
   const label = $("#move-dialog").returnValue;
   if (label) act("relabel", {label});
+  $("#grid").focus();
+});
+
+// Attribute values: every value seen for every attribute, plus what is typed
+// ("colour=navy" or, with one attribute, just "navy"); "from title rules" drops the
+// reviewer's value.
+function openAttributes() {
+  const ids = targets();
+  if (!ids.length) return;
+  if (!Object.keys(state.summary?.attributes || {}).length) {
+    toast("no attributes in this manifest (attribute rules in sources.yaml add them)");
+    return;
+  }
+  const dialog = $("#attr-dialog");
+  dialog.querySelector(".count").textContent = ids.length > 1 ? `${ids.length} images` : `#${ids[0]}`;
+  $("#attr-filter").value = "";
+  state.attrChoice = 0;
+  renderAttributeValues();
+  dialog.returnValue = "";
+  dialog.showModal();
+  $("#attr-filter").focus();
+}
+
+function attributeCandidates() {
+  const known = state.summary?.attributes || {};
+  const names = Object.keys(known).sort();
+  const typed = $("#attr-filter").value.trim().toLowerCase();
+  const [typedName, typedValue] = typed.includes("=") ? typed.split("=", 2) : [null, typed];
+  const list = [];
+  for (const name of names) {
+    if (typedName && !name.toLowerCase().startsWith(typedName)) continue;
+    for (const value of [...Object.keys(known[name]).filter((v) => v !== "unknown").sort(), "unknown"]) {
+      if (value.toLowerCase().includes(typedValue)) list.push({name, value});
+    }
+    if (!typedValue) list.push({name, value: null});
+  }
+  const rank = (c) => (c.value === null ? 3 : c.value.toLowerCase() === typedValue ? 0
+                       : c.value.toLowerCase().startsWith(typedValue) ? 1 : 2);
+  list.sort((a, b) => rank(a) - rank(b));
+  const target = typedName ? names.find((n) => n.toLowerCase().startsWith(typedName))
+                           : names.length === 1 ? names[0] : null;
+  if (typedValue && target && !list.some((c) => c.name === target && c.value.toLowerCase() === typedValue)) {
+    list.push({name: target, value: $("#attr-filter").value.trim().split("=").pop().trim(), fresh: true});
+  }
+  return list;
+}
+
+function renderAttributeValues() {
+  const list = attributeCandidates();
+  state.attrChoice = Math.min(state.attrChoice, Math.max(0, list.length - 1));
+  $("#attr-values").replaceChildren(...list.map((c, index) => {
+    const li = document.createElement("li");
+    li.textContent = c.value === null ? `${c.name}: from title rules`
+                   : `${c.name}: ${c.value}${c.fresh ? " (new value)" : ""}`;
+    li.dataset.attribute = c.name;
+    li.dataset.value = c.value ?? "";
+    li.classList.toggle("active", index === state.attrChoice);
+    li.addEventListener("click", () => { state.attrChoice = index; $("#attr-dialog").close("set"); });
+    return li;
+  }));
+}
+
+$("#attr-filter").addEventListener("input", () => { state.attrChoice = 0; renderAttributeValues(); });
+$("#attr-filter").addEventListener("keydown", (event) => {
+  const list = attributeCandidates();
+  if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+    event.preventDefault();
+    state.attrChoice = (state.attrChoice + (event.key === "ArrowDown" ? 1 : -1) + list.length) % list.length;
+    renderAttributeValues();
+  } else if (event.key === "Enter") {
+    event.preventDefault();
+    if (list[state.attrChoice]) $("#attr-dialog").close("set");
+  }
+});
+$("#attr-dialog").addEventListener("close", () => {
+  if ($("#attr-dialog").returnValue === "set") {
+    const choice = attributeCandidates()[state.attrChoice];
+    if (choice) act("set_attribute", {attribute: choice.name, value: choice.value});
+  }
   $("#grid").focus();
 });
 
@@ -588,6 +682,7 @@ function gridKey(event, key) {
     case "a": act("approve"); return true;
     case "r": openReject(); return true;
     case "m": openMove(); return true;
+    case "v": openAttributes(); return true;
     case "p": act("accept_suggestion"); return true;
     case "c": act("clear"); return true;
     case "u": undo(); return true;
