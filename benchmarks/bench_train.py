@@ -1,8 +1,15 @@
-"""`make bench-train`: the default recipe against the plain recipe a user writes first, in one
-run, on the same data and machine. Prints validation accuracy, macro-F1 and wall time.
+"""`make bench-train`: the default `trainer train` against the linear probe (`--epochs 0`: the
+head phase alone on frozen Lite0 features), on the same splits, across dataset sizes.
 
-plain  = frozen backbone, linear head, Adam, no augmentation, no label smoothing/weighting
-recipe = TrainConfig() defaults (head phase, then fine-tuning with the full recipe)
+Suites (each photo folder is built from symlinks under OUT/data, so every run is reproducible):
+- full:    clothing-small as shipped (train/ 3,068, validation/ 341): validation accuracy, wall
+           time, ECE after temperature scaling; target >= 0.94 in <= 15 min on 2 cores.
+- subsets: 3 labels x 80 train photos and 10 labels x 30, several seeds (labels and photos
+           drawn per seed), a validation split of 10 photos per label (small: the default
+           cross-validates), scored on the rest of clothing-small's validation photos of those
+           labels; mean and spread over seeds; target: recipe - probe >= 2 points on average.
+- demo:    demo_data/catalog (10 labels x 30), 20 train / 4 val / 6 test photos per label.
+Printed side by side: accuracy, macro-F1, wall time, for the recipe and the probe.
 """
 
 from __future__ import annotations
@@ -10,29 +17,44 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 from pydantic_settings import CliApp
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.datasets import CLOTHING_SMALL, require
 from trainer.config import TrainConfig
+from trainer.evaluate import evaluate
 from trainer.train import train
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/datasets/clothing-small"
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CATALOG = REPO / "demo_data" / "catalog"
+SUBSETS = {"3x80": (3, 80), "10x30": (10, 30)}   # labels x train photos per label
+SUBSET_VAL_PER_LABEL = 10
+RECIPES = ("probe", "recipe")
 
 
 class BenchTrain(BaseModel):
-    """Train the plain and the default recipe side by side and print what each reached."""
+    """Default recipe vs the linear probe on the same splits: full clothing-small, small
+    subsets over several seeds, the demo catalogue."""
 
-    data: Path = Field(DEFAULT_DATA, description="ImageFolder with train/ and validation/")
-    out: Path = Field(Path("bench_out/train"), description="run folders and bench.json")
-    recipes: list[str] = Field(["plain", "recipe"], description="which to run, in order")
-    image_size: int = Field(224)
+    data: Path = Field(CLOTHING_SMALL, description="clothing-small: train/ and validation/")
+    out: Path = Field(Path("bench_out/train"), description="photo folders, runs, bench.json")
+    suites: list[str] = Field(["subsets", "demo", "full"], description=(
+        "which to run, in order: full | subsets | demo"))
+    subsets: list[str] = Field(list(SUBSETS), description="subset kinds: 3x80 | 10x30")
+    seeds: int = Field(3, ge=1, description="seeds per subset kind (labels and photos drawn)")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
+    overrides: dict[str, Any] = Field({}, description=(
+        "TrainConfig knobs for both recipes, as JSON (quick trials: "
+        "'{\"image_size\": 64, \"steps\": 4}'); empty = the defaults being benchmarked"))
     compare_exporters: Path | None = Field(None, description=(
         "instead of training: export this run folder with both torch.onnx exporters and "
         "time the two graphs in ONNX Runtime, interleaved"))
@@ -44,11 +66,171 @@ class BenchTrain(BaseModel):
             run_bench(self)
 
 
+# --- photo folders ---------------------------------------------------------------------------
+
+def link_split(target: Path, split: str, label: str, files: list[Path]) -> None:
+    folder = target / split / label
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (folder / f.name).symlink_to(f.resolve())
+
+
+def make_subset(source: Path, target: Path, labels: int, per_label: int, seed: int) -> Path:
+    """`labels` labels drawn with `seed`; per label: `per_label` train photos from train/, 10
+    validation photos from validation/, and the rest of validation/ as test/."""
+    rng = random.Random(seed)
+    shutil.rmtree(target, ignore_errors=True)
+    names = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
+    for label in sorted(rng.sample(names, labels)):
+        train_files = sorted((source / "train" / label).iterdir())
+        val_files = sorted((source / "validation" / label).iterdir())
+        rng.shuffle(train_files)
+        rng.shuffle(val_files)
+        link_split(target, "train", label, train_files[:per_label])
+        link_split(target, "val", label, val_files[:SUBSET_VAL_PER_LABEL])
+        link_split(target, "test", label, val_files[SUBSET_VAL_PER_LABEL:])
+    return target
+
+
+def make_demo(target: Path, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    shutil.rmtree(target, ignore_errors=True)
+    for folder in sorted(p for p in DEMO_CATALOG.iterdir() if p.is_dir()):
+        files = sorted(folder.iterdir())
+        rng.shuffle(files)
+        link_split(target, "train", folder.name, files[:20])
+        link_split(target, "val", folder.name, files[20:24])
+        link_split(target, "test", folder.name, files[24:])
+    return target
+
+
+# --- one comparison -------------------------------------------------------------------------
+
+def config_for(recipe: str, data: Path, out: Path, bench: BenchTrain) -> TrainConfig:
+    knobs = {"threads": bench.threads, **bench.overrides}
+    if recipe == "probe":
+        knobs["epochs"] = 0
+    return TrainConfig(data=data, out=out, **knobs)
+
+
+def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Console) -> dict:
+    """Train, then score on data's test/ (else its validation split)."""
+    shutil.rmtree(out, ignore_errors=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = train(config_for(recipe, data, out, bench), console=console)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    metrics = evaluate(out, data=data, console=console)
+    summary = result.selection.get("summary", {})
+    return {"recipe": recipe, "acc": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "images": metrics["images"], "evaluated_on": metrics["evaluated_on"],
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "selection": result.selection.get("mode"), "chosen": summary.get("chosen"),
+            "temperature": metrics["calibration"]["temperature"],
+            "ece_before": metrics["calibration"]["ece_uncalibrated"],
+            "ece_after": metrics["calibration"]["ece_calibrated"],
+            "fine_tune_rows": sum(r["phase"] == "finetune" for r in result.history)}
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def run_bench(bench: BenchTrain) -> dict:
+    console = Console()
+    rows: list[dict] = []
+    datasets: list[tuple[str, str, int, Path]] = []  # (suite, name, seed, folder)
+    for suite in bench.suites:
+        if suite == "subsets":
+            source = require(bench.data)
+            for kind in bench.subsets:
+                labels, per_label = SUBSETS[kind]
+                for seed in range(bench.seeds):
+                    folder = make_subset(source, bench.out / "data" / f"{kind}-seed{seed}",
+                                         labels, per_label, seed)
+                    datasets.append((suite, kind, seed, folder))
+        elif suite == "demo":
+            datasets.append((suite, "demo", 0, make_demo(bench.out / "data" / "demo")))
+        elif suite == "full":
+            datasets.append((suite, "clothing-small", 0, require(bench.data)))
+        else:
+            raise SystemExit(f"unknown suite {suite}: full | subsets | demo")
+    for suite, name, seed, folder in datasets:
+        for recipe in RECIPES:
+            out = bench.out / "runs" / f"{name}-seed{seed}" / recipe
+            console.rule(f"bench-train: {name} seed {seed}: {recipe}")
+            row = run_one(recipe, folder, out, bench, console)
+            rows.append({"suite": suite, "dataset": name, "seed": seed, **row})
+            write_report(bench, rows)
+    print_tables(console, rows)
+    return write_report(bench, rows)
+
+
+def comparisons(rows: list[dict]) -> dict:
+    """Per dataset name: recipe and probe figures over seeds, and the recipe's gain."""
+    out = {}
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        by = {recipe: [r for r in rows if r["dataset"] == name and r["recipe"] == recipe]
+              for recipe in RECIPES}
+        seeds = sorted({r["seed"] for r in by["recipe"]} & {r["seed"] for r in by["probe"]})
+        if not seeds:
+            continue
+        pick = {recipe: {r["seed"]: r for r in by[recipe]} for recipe in RECIPES}
+        gains = [pick["recipe"][s]["acc"] - pick["probe"][s]["acc"] for s in seeds]
+        out[name] = {"seeds": seeds, "gain_acc": gains,
+                     "mean_gain_acc": statistics.mean(gains),
+                     **{f"{recipe}_{m}": [pick[recipe][s][m] for s in seeds]
+                        for recipe in RECIPES for m in ("acc", "macro_f1", "wall_s")}}
+    return out
+
+
+def print_tables(console: Console, rows: list[dict]) -> None:
+    table = Table(title="bench-train: default recipe vs linear probe (same splits; mean ± sd "
+                        "over seeds)")
+    for column in ("dataset", "seeds", "recipe acc", "probe acc", "recipe macro-F1",
+                   "probe macro-F1", "recipe wall", "probe wall", "gain (acc)"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for name, c in comparisons(rows).items():
+        table.add_row(name, str(len(c["seeds"])), mean_spread(c["recipe_acc"]),
+                      mean_spread(c["probe_acc"]), mean_spread(c["recipe_macro_f1"]),
+                      mean_spread(c["probe_macro_f1"]),
+                      f"{statistics.mean(c['recipe_wall_s']) / 60:.1f} min",
+                      f"{statistics.mean(c['probe_wall_s']) / 60:.1f} min",
+                      f"{c['mean_gain_acc']:+.4f}")
+    console.print(table)
+    for name, c in comparisons(rows).items():
+        if name in SUBSETS:
+            met = c["mean_gain_acc"] >= 0.02
+            console.print(f"{name}: recipe - probe {c['mean_gain_acc']:+.4f} on average over "
+                          f"{len(c['seeds'])} seeds; target >= +0.02: "
+                          f"{'MET' if met else 'NOT MET'}")
+    for r in rows:
+        if r["dataset"] == "clothing-small" and r["recipe"] == "recipe":
+            met = r["acc"] >= 0.94 and r["wall_s"] <= 900
+            console.print(f"clothing-small: {r['acc']:.4f} in {r['wall_s'] / 60:.1f} min; "
+                          f"target >= 0.94 within 15 min: {'MET' if met else 'NOT MET'}; "
+                          f"ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f} (T = "
+                          f"{r['temperature']:.3f}; target <= 0.03: "
+                          f"{'MET' if r['ece_after'] <= 0.03 else 'NOT MET'})")
+
+
+def write_report(bench: BenchTrain, rows: list[dict]) -> dict:
+    load = os.getloadavg()
+    report = {"rows": rows, "comparisons": comparisons(rows),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "load_average_at_end": [round(x, 1) for x in load]}
+    bench.out.mkdir(parents=True, exist_ok=True)
+    (bench.out / "bench.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# --- exporters --------------------------------------------------------------------------------
+
 def compare_exporters(run_dir: Path, rounds: int = 7) -> dict:
     """Both exporters on the same trained model; ONNX Runtime images/s at batch 1 and 16,
     measured alternately so machine load hits both alike; medians."""
-    import statistics
-
     import numpy as np
     import onnx
 
@@ -83,56 +265,6 @@ def compare_exporters(run_dir: Path, rounds: int = 7) -> dict:
                       str(r["images_per_s_batch16"]))
     console.print(table)
     (out / "exporters.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
-def plain_config(data: Path, out: Path, image_size: int) -> TrainConfig:
-    return TrainConfig(data=data, out=out, image_size=image_size, epochs=0, head_epochs=10,
-                       optimizer="adam", lr=1e-3, weight_decay=0.0, augment="none",
-                       label_smoothing=0.0, balance="none")
-
-
-def run_bench(bench: BenchTrain) -> dict:
-    console = Console()
-    results = {}
-    for name in bench.recipes:
-        out = bench.out / name
-        shutil.rmtree(out, ignore_errors=True)
-        config = (plain_config(bench.data, out, bench.image_size) if name == "plain" else
-                  TrainConfig(data=bench.data, out=out, image_size=bench.image_size))
-        start, cpu_start = time.perf_counter(), time.process_time()
-        result = train(config, console=console)
-        results[name] = {"val_acc": result.best["val_acc"],
-                         "val_macro_f1": result.best["val_macro_f1"],
-                         "best_epoch": result.best["epoch"],
-                         "epochs_run": sum(r["phase"] == "finetune" for r in result.history),
-                         "wall_s": round(time.perf_counter() - start, 1),
-                         # CPU seconds this process got: wall_s * cores >> cpu_s = shared machine
-                         "cpu_s": round(time.process_time() - cpu_start, 1)}
-    table = Table(title=f"bench-train: {bench.data.name}, {bench.image_size} px, "
-                        f"{torch.get_num_threads()} threads")
-    for column in ("recipe", "val accuracy", "val macro-F1", "wall time", "CPU time",
-                   "fine-tune epochs"):
-        table.add_column(column, justify="left" if column == "recipe" else "right")
-    for name, r in results.items():
-        table.add_row(name, f"{r['val_acc']:.4f}", f"{r['val_macro_f1']:.4f}",
-                      f"{r['wall_s'] / 60:.1f} min", f"{r['cpu_s'] / 60:.1f} min",
-                      str(r["epochs_run"]))
-    console.print(table)
-    if {"plain", "recipe"} <= set(results):
-        gain = results["recipe"]["val_acc"] - results["plain"]["val_acc"]
-        recipe = results["recipe"]
-        met = recipe["val_acc"] >= 0.91 and recipe["wall_s"] <= 900
-        console.print(f"recipe vs plain: {gain:+.4f} validation accuracy; target (>= 0.91 in "
-                      f"<= 15 min wall): {'MET' if met else 'NOT MET'}")
-    load = os.getloadavg()
-    report = {"results": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "load_average_at_end": [round(x, 1) for x in load]}
-    bench.out.mkdir(parents=True, exist_ok=True)
-    (bench.out / "bench.json").write_text(json.dumps(report, indent=2))
-    console.print(f"load average at the end {load[0]:.1f} (1 min) on {os.cpu_count()} cores; "
-                  f"written {bench.out / 'bench.json'}")
     return report
 
 
