@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import typing
-from pathlib import Path
 
 import aiohttp
 import bentoml
@@ -38,7 +37,14 @@ from service.contract import (
 from service.guard import ApiKeys, DecodeBusy, ImageRoute, PixelBudget, RequestGuard
 from service.model_store import resolve_model, select_variant
 from service.runtime import check_model_file, choose_runtime, open_runtime, variant_name
-from service.schemas import BatchPrediction, ErrorBody, ModelCard, ModelRef, Prediction
+from service.schemas import (
+    BatchPrediction,
+    ErrorBody,
+    ModelCard,
+    ModelRef,
+    Prediction,
+    UploadedImage,
+)
 from service.settings import ServiceSettings
 
 try:
@@ -98,9 +104,15 @@ install_batch_window(None if settings.learnt_batch_window else settings.batch_wa
 # it under the requests still in flight on it: under load they failed with 500 (aiohttp
 # ServerDisconnectedError). The connection is local and long-lived; never recycle it.
 NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 1e9}
-# The model service answers one internal call per image; its access-log line and trace span
-# repeat the API's own and cost throughput (BENCHMARKS.md), so they are off by default.
-QUIET_HOP = {"logging": {"access": {"enabled": False}}, "tracing": {"excluded_urls": ["/logits"]}}
+# The model service answers one internal call per image; its access-log line, trace span and
+# request metrics repeat the API's own and cost throughput (BENCHMARKS.md), so they are off by
+# default (the batch-size histogram is the service's own and stays).
+QUIET_HOP = {"logging": {"access": {"enabled": False}}, "tracing": {"excluded_urls": ["/logits"]},
+             "metrics": {"enabled": False}}
+# The API's spans for the image routes: BentoML builds them even with no exporter configured.
+API_OBSERVABILITY = {
+    "logging": {"access": {"enabled": settings.access_log}},
+    **({} if settings.trace_requests else {"tracing": {"excluded_urls": ["/classify"]}})}
 
 
 @bentoml.service(name="onnx-model", workers=settings.model_workers,
@@ -131,7 +143,7 @@ model_app = FastAPI(title="model card", docs_url=None, redoc_url=None, openapi_u
 
 
 @bentoml.service(name="product-classifier", workers=settings.api_workers,
-                 traffic={"timeout": settings.timeout_s})
+                 traffic={"timeout": settings.timeout_s}, **API_OBSERVABILITY)
 @bentoml.asgi_app(model_app, path="/")
 class ProductClassifier:
     """Product photo -> label, score and top-k, with the model's own preprocessing."""
@@ -144,13 +156,13 @@ class ProductClassifier:
         self.top_k = min(settings.top_k, len(self.contract.labels))
 
     @bentoml.api
-    async def classify(self, image: Path, min_score: float | None = MIN_SCORE) -> Prediction:
+    async def classify(self, image: UploadedImage, min_score: float | None = MIN_SCORE) -> Prediction:
         """Classify one product photo (multipart field `image`)."""
         result = await self._classify([image], min_score)
         return result if isinstance(result, JSONResponse) else result[0]
 
     @bentoml.api
-    async def classify_batch(self, images: list[Path],
+    async def classify_batch(self, images: list[UploadedImage],
                              min_score: float | None = MIN_SCORE) -> BatchPrediction:
         """Classify several photos in one request (repeat the multipart field `images`)."""
         result = await self._classify(images, min_score)
@@ -167,18 +179,18 @@ class ProductClassifier:
                                metrics=MODEL.metrics, runtime=RUNTIME, device=DEVICE,
                                accuracy_gate=GATE)
 
-    async def _classify(self, paths: list[Path],
+    async def _classify(self, uploads: list[UploadedImage],
                         min_score: float | None) -> list[Prediction] | JSONResponse:
         try:
             # Headers only: the pixels a decode would hold are known before any is decoded.
-            opened = await asyncio.to_thread(self._open_all, paths)
+            opened = await asyncio.to_thread(self._open_all, uploads)
         except ImageDecodeError as error:
             return error_response(400, error.reason, error.detail)
         pixels = [image.width * image.height for image in opened]
         if sum(pixels) > settings.max_request_pixels:
             return error_response(
                 400, "too_many_pixels",
-                f"the {len(paths)} image(s) decode to {sum(pixels)} pixels together, the limit "
+                f"the {len(uploads)} image(s) decode to {sum(pixels)} pixels together, the limit "
                 f"per request is {settings.max_request_pixels}; send fewer or smaller images")
         results = await asyncio.gather(
             *(DECODE_BUDGET.run(n, self._crop, index, image)
@@ -204,11 +216,11 @@ class ProductClassifier:
                                   "retry shortly")
         return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
 
-    def _open_all(self, paths: list[Path]) -> list:
+    def _open_all(self, uploads: list[UploadedImage]) -> list:
         opened = []
-        for index, path in enumerate(paths):
+        for index, upload in enumerate(uploads):
             with _naming_image(index):
-                opened.append(open_for(path.read_bytes(), self.contract,
+                opened.append(open_for(upload.data, self.contract,
                                        max_pixels=settings.max_pixels))
         return opened
 

@@ -42,8 +42,13 @@ class ServiceSettings(BaseSettings):
         False, description="let idle ONNX Runtime threads spin for work: lower latency on cores "
         "of their own, but it steals CPU from the API process when they share cores")
     trace_model_calls: bool = Field(
-        False, description="access-log and trace the internal API -> model call (one per image; "
-        "the API's own access log and spans are always on)")
+        False, description="access-log, trace and count (BentoML's request metrics) the "
+        "internal API -> model call, one per image; they repeat what the API records")
+    access_log: bool = Field(
+        True, description="BentoML's access-log line per API request")
+    trace_requests: bool = Field(
+        False, description="OpenTelemetry spans for /classify and /classify_batch (BentoML makes "
+        "them even without an exporter; they cost CPU per request); other paths are traced")
     model_workers: int = Field(1, ge=1, description="processes running the batched model")
     api_workers: int = Field(1, ge=1, description="processes decoding images and answering HTTP")
     batching: bool = Field(True, description="adaptive batching of model calls (false: one "
