@@ -43,8 +43,8 @@ class AbServeConfig(BaseSettings):
                                       cli_kebab_case=True, cli_implicit_flags=True)
 
     variants: list[str] = Field(description=(
-        "comma-separated: NAME (as checked out), NAME:ENV=VALUE+ENV=VALUE (service settings) "
-        "or NAME@REV (a commit)"))
+        "comma-separated: NAME (as checked out), NAME:ENV=VALUE+ENV=VALUE (service settings), "
+        "NAME@REV (a commit) or NAME@REV:ENV=VALUE (a commit with settings)"))
     model: Path = Field(REPO / "runs/bench-serve/export/model.onnx", description=(
         "ONNX file served by every variant (`make bench-serve` makes this one)"))
     rounds: int = Field(3, ge=1, description="times each variant is served and measured")
@@ -69,12 +69,10 @@ class Variant:
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        if "@" in text:
-            name, rev = text.split("@", 1)
-            return cls(name, rev=rev)
-        name, _, pairs = text.partition(":")
+        head, _, pairs = text.partition(":")
+        name, _, rev = head.partition("@")
         settings = dict(pair.split("=", 1) for pair in pairs.split("+") if pair)
-        return cls(name, settings)
+        return cls(name, settings, rev=rev or None)
 
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.rounds)
@@ -121,7 +119,9 @@ def run_ab(config: AbServeConfig) -> list[Variant]:
     variants = [Variant.parse(text) for text in config.variants]
     config.out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        trees = {v.name: checkout(v.rev, stack) if v.rev else REPO for v in variants}
+        revs = {v.rev for v in variants if v.rev}
+        worktrees = {rev: checkout(rev, stack) for rev in revs}  # one per commit, shared
+        trees = {v.name: worktrees[v.rev] if v.rev else REPO for v in variants}
         for round_ in range(1, config.rounds + 1):
             for variant in variants:
                 figures = measure(variant, trees[variant.name], config)

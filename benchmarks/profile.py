@@ -17,7 +17,10 @@ from pathlib import Path
 # A sample goes to the stage of the innermost frame that names one of these markers: the
 # code actually running, not a middleware that merely wraps every request.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("ONNX Runtime inference", ("run_logits", "onnxruntime_inference_collection")),
+    # OpenVINO's Python frame is InferRequest.infer in openvino/_ov_api.py: without it here the
+    # default (OpenVINO) service's inference fell into "HTTP server" (71 % there, 2026-12-01).
+    ("model inference (ONNX Runtime, OpenVINO)", ("run_logits", "onnxruntime_inference_collection",
+                                                  "openvino/", "service/runtime.py")),
     ("JPEG decode + preprocess", ("load_and_preprocess", "decode_image", "(contract.py",
                                   "PIL/")),
     ("multipart parsing + upload files", ("multipart", "formparsers", "tempfile", "UploadFile",
@@ -63,14 +66,29 @@ def stage_of(frames: list[str]) -> str:
     return "other Python"
 
 
-def stage_shares(raw_path: Path) -> dict[str, float]:
-    """Percentage of busy samples per stage from py-spy's raw (collapsed stack) output.
+def process_role_of(frames: list[str]) -> str:
+    """api / model from the `process PID:"command line"` frames of a --subprocesses stack."""
+    processes = " ".join(f for f in frames if f.startswith("process "))
+    if "onnx-model" in processes:
+        return "model"
+    return "api" if "--service-name" in processes else "server"
 
-    Samples whose innermost frame is a wait (event loop select, idle pool thread) are idle
-    time, not work, and are left out; `--subprocesses` prefixes each stack with
-    `process PID:"command line"` frames, which are stripped before matching.
-    """
-    counts: Counter[str] = Counter()
+
+def stage_shares_by_process(raw_path: Path) -> dict[str, dict[str, float]]:
+    """Like `stage_shares`, per BentoML process role (api, model), as % of all busy samples:
+    which process pays for which stage (the two servers each parse HTTP once per image)."""
+    counts: dict[str, Counter[str]] = {}
+    total = 0
+    for frames, count in _busy_samples(raw_path):
+        code = [f for f in frames if not f.startswith("process ")]
+        counts.setdefault(process_role_of(frames), Counter())[stage_of(code)] += count
+        total += count
+    return {role: {stage: 100.0 * n / total for stage, n in stages.most_common()}
+            for role, stages in sorted(counts.items())} if total else {}
+
+
+def _busy_samples(raw_path: Path):
+    """(frames, count) of each non-idle stack in py-spy's raw output."""
     for line in raw_path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -79,6 +97,18 @@ def stage_shares(raw_path: Path) -> dict[str, float]:
         code = [f for f in frames if not f.startswith("process ")]
         if not code or any(idle in code[-1] for idle in IDLE_LEAVES):
             continue
-        counts[stage_of(code)] += int(count)
+        yield frames, int(count)
+
+
+def stage_shares(raw_path: Path) -> dict[str, float]:
+    """Percentage of busy samples per stage from py-spy's raw (collapsed stack) output.
+
+    Samples whose innermost frame is a wait (event loop select, idle pool thread) are idle
+    time, not work, and are left out; `--subprocesses` prefixes each stack with
+    `process PID:"command line"` frames, which are stripped before matching.
+    """
+    counts: Counter[str] = Counter()
+    for frames, count in _busy_samples(raw_path):
+        counts[stage_of([f for f in frames if not f.startswith("process ")])] += count
     total = sum(counts.values())
     return {stage: 100.0 * n / total for stage, n in counts.most_common()} if total else {}

@@ -1,4 +1,4 @@
-"""Turn a bench-serve result into the table, the ratios and a verdict per target.
+"""Turn a bench-serve result into the table, the ratios and a verdict per goal.
 
 Printed with rich and written as markdown (bench_out/serve/<split>/bench_serve.md, and both
 splits side by side in bench_out/serve/bench_serve.md) so the same figures go into
@@ -15,9 +15,12 @@ from rich.table import Table
 
 from benchmarks.results import BenchResult, Step, load_result, save
 
-TARGET_VS_BASELINE = 3.0
-TARGET_VS_CEILING = 0.5
-TARGET_COLD_START_S = 5.0
+# Goals: the service against the torch-eager baseline by core split (on the whole machine the
+# baseline also loses to thread oversubscription, so more is asked there), the in-process
+# ceiling and the cold start.
+GOAL_VS_BASELINE = {"pinned": 3.0, "shared": 5.0}
+GOAL_VS_CEILING = 0.5
+GOAL_COLD_START_S = 5.0
 
 SHORT_NAMES = {"service": "service default", "nobatch": "service, no batching",
                "int8": "service int8", "baseline": "baseline torch eager"}
@@ -72,7 +75,7 @@ def best_ceiling_cpu(result: BenchResult, name: str) -> float:
 def summary(result: BenchResult, users: int) -> dict:
     """The ratios and verdicts at `users` (the largest load step).
 
-    Each throughput ratio comes twice: on wall-clock req/s (what the issue's targets name) and
+    Each throughput ratio comes twice: on wall-clock req/s (what the goals name) and
     on requests per CPU-second of the server (robust when other processes share the server's
     core: on a quiet core a CPU-bound server turns its CPU efficiency straight into req/s).
     """
@@ -92,7 +95,9 @@ def summary(result: BenchResult, users: int) -> dict:
         if ceiling_cpu and not math.isnan(ceiling_cpu) else math.nan
     service = steps["service"]
     return {
-        "users": users, "rps": rps, "req_per_cpu_s": eff, "ceiling_name": ceiling_name,
+        "users": users, "rps": rps,
+        "goal_vs_baseline": GOAL_VS_BASELINE.get(result.cpu_split.split(":")[0].strip(),
+                                                 GOAL_VS_BASELINE["pinned"]), "req_per_cpu_s": eff, "ceiling_name": ceiling_name,
         "served": served,
         "ceiling_fp32": ceiling_fp32, "best_batch": best_batch, "ceiling_int8": ceiling_int8,
         "ceiling_fp32_per_cpu_s": ceiling_cpu, "decode_ms": decode_ms,
@@ -130,7 +135,7 @@ def _judge_ratio(wall: float, per_cpu: float, target: float) -> bool | None:
 
 
 def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
-    """(target, met?, why) for each target of the issue; None = not measured."""
+    """(goal, met?, why) for each goal; None = not measured."""
     out = []
     ratio, per_cpu = s["service_vs_baseline"], s["service_vs_baseline_cpu"]
     why = (f"{_fmt(ratio, 2)}x on req/s ({_fmt(s['rps']['service'])} vs "
@@ -144,8 +149,9 @@ def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
                 f"{_fmt(s['runtime_int8_vs_torch'], 2)}x PyTorch eager (the most any fp32 or "
                 f"int8 service can gain over this baseline per CPU-second); the int8 service "
                 f"reached {_fmt(s['int8_vs_baseline'], 2)}x on req/s")
-    out.append((f"service >= {TARGET_VS_BASELINE:g}x baseline at {s['users']} users",
-                _judge_ratio(ratio, per_cpu, TARGET_VS_BASELINE), why))
+    goal = s["goal_vs_baseline"]
+    out.append((f"service >= {goal:g}x baseline at {s['users']} users",
+                _judge_ratio(ratio, per_cpu, goal), why))
 
     errors = s["service_errors"]
     reasons = "; ".join(f"{n}x {r}" for r, n in list(s["service_failure_reasons"].items())[:3])
@@ -166,7 +172,7 @@ def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
            f"(batch {s['best_batch']}), {_fmt(per_cpu, 2)} per CPU-second "
            f"({_fmt(s['req_per_cpu_s']['service'])} vs {_fmt(s['ceiling_fp32_per_cpu_s'], 0)} "
            "images/CPU-s)")
-    if not math.isnan(per_cpu) and per_cpu < TARGET_VS_CEILING:
+    if not math.isnan(per_cpu) and per_cpu < GOAL_VS_CEILING:
         why += (f". Decode + preprocess costs {_fmt(s['decode_ms'])} CPU-ms/image, which "
                 "alone caps a server that also infers on the same core at "
                 f"{_fmt(s['ceiling_with_decode_per_cpu_s'], 0)} images/CPU-s "
@@ -175,12 +181,12 @@ def verdicts(s: dict) -> list[tuple[str, bool | None, str]]:
     if s["profile"]:
         why += ". py-spy on the service at this load (busy samples): " + ", ".join(
             f"{stage} {share:.0f}%" for stage, share in s["profile"].items())
-    out.append((f"service >= {TARGET_VS_CEILING:g} x in-process ceiling",
-                _judge_ratio(ratio, per_cpu, TARGET_VS_CEILING), why))
+    out.append((f"service >= {GOAL_VS_CEILING:g} x in-process ceiling",
+                _judge_ratio(ratio, per_cpu, GOAL_VS_CEILING), why))
 
     cold = s["cold_start_s"]
-    out.append((f"cold start <= {TARGET_COLD_START_S:g} s (bentoml serve -> /readyz 200)",
-                None if math.isnan(cold) else cold <= TARGET_COLD_START_S,
+    out.append((f"cold start <= {GOAL_COLD_START_S:g} s (bentoml serve -> /readyz 200)",
+                None if math.isnan(cold) else cold <= GOAL_COLD_START_S,
                 (f"{_fmt(cold)} s wall, {_fmt(s['cold_start_cpu_s'])} CPU-s in the server's "
                  "processes (3 Python processes each importing BentoML; the model loads in "
                  "one)")))
@@ -231,9 +237,9 @@ def markdown(result: BenchResult, s: dict, command: str) -> str:
     for variant, why in result.not_measured.items():
         title = variant if variant.startswith("ceiling ") else variant_title(variant)
         lines.append(f"- {title}: not measured, {why}")
-    for target, met, why in verdicts(s):
+    for goal, met, why in verdicts(s):
         mark = "not measured" if met is None else ("met" if met else "MISSED")
-        lines.append(f"- {target}: **{mark}**, {why}")
+        lines.append(f"- {goal}: **{mark}**, {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -282,7 +288,7 @@ def render(result: BenchResult, out: Path, users: int, console: Console,
 
 
 def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
-    """The key figures and the issue's targets, one column per core split."""
+    """The key figures and the goals, one column per core split."""
     summaries = {split: summary(result, users) for split, result in results.items()}
 
     def row(name: str, cell) -> str:
@@ -292,7 +298,7 @@ def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
         return "not measured" if met is None else ("met" if met else "**missed**")
 
     judged = {split: verdicts(s) for split, s in summaries.items()}
-    lines = [f"Targets at {users} users, by how the cores were split:", "",
+    lines = [f"Goals at {users} users, by how the cores were split:", "",
              "| | " + " | ".join(f"cores {split}" for split in results) + " |",
              "|---|" + "---|" * len(results),
              row("service fp32 req/s", lambda s: _fmt(s["rps"]["service"])),
@@ -305,8 +311,12 @@ def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
                            f"({_times(s['int8_vs_baseline'])})"),
              row("service / ceiling", lambda s: _fmt(s["service_vs_ceiling"], 2)),
              row("batching on / off", lambda s: _fmt(s["batching_on_vs_off"], 2))]
-    for index, (target, _, _) in enumerate(next(iter(judged.values()))):
-        lines.append(f"| {target} | " + " | ".join(
+    for index in range(len(next(iter(judged.values())))):
+        # The baseline goal differs by split (3x pinned, 5x shared): name each split's.
+        goals = list(dict.fromkeys(verdict[index][0] for verdict in judged.values()))
+        goal = goals[0] if len(goals) == 1 else " / ".join(
+            f"{text} ({split})" for split, text in zip(judged, goals, strict=False))
+        lines.append(f"| {goal} | " + " | ".join(
             mark(verdict[index][1]) for verdict in judged.values()) + " |")
     lines.append("")
     for result in results.values():
@@ -316,7 +326,7 @@ def splits_markdown(results: dict[str, BenchResult], users: int) -> str:
 
 def render_splits(results: dict[str, BenchResult], out: Path, users: int,
                   console: Console) -> str:
-    """Print and write (OUT/bench_serve.md) the targets for every core split side by side."""
+    """Print and write (OUT/bench_serve.md) the goals for every core split side by side."""
     text = splits_markdown(results, users)
     console.rule("bench-serve: both core splits")
     console.print(text)

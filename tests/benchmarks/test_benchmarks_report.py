@@ -55,7 +55,9 @@ def test_core_splits_are_judged_side_by_side():
     text = splits_markdown({"pinned": pinned, "shared": shared}, 32)
     assert "| | cores pinned | cores shared |" in text
     assert "| service / baseline (int8 service / baseline) | 1.50x (n/a) | 4.00x (n/a) |" in text
-    assert "| service >= 3x baseline at 32 users | **missed** | met |" in text
+    # The baseline goal is 3x pinned and 5x on the whole machine: 4.00x shared is short of it.
+    assert ("| service >= 3x baseline at 32 users (pinned) / service >= 5x baseline at 32 users "
+            "(shared) | **missed** | **missed** |") in text
     assert "| service >= 0.5 x in-process ceiling | **missed** | met |" in text  # 18/40
     assert "- shared: both float; 1 intra-op thread(s)." in text
 
@@ -73,5 +75,5 @@ def test_profile_samples_go_to_the_innermost_stage_and_idle_is_left_out(tmp_path
         "EpollSelector.select (selectors.py:468) 50"),
     ]))
     shares = stage_shares(raw)
-    assert shares == {"ONNX Runtime inference": 60.0, "JPEG decode + preprocess": 30.0,
+    assert shares == {"model inference (ONNX Runtime, OpenVINO)": 60.0, "JPEG decode + preprocess": 30.0,
                       "multipart parsing + upload files": 10.0}
