@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +29,7 @@ from rich.table import Table
 
 from collector.config import ConfigError, load_sources
 from collector.manifest import MANIFEST_FILE, open_manifest
+from collector.review.config import DATA_HELP, RankConfig, ReviewConfig
 
 console = Console(stderr=True, soft_wrap=True)  # messages: never hard-wrapped mid-line
 out = Console()
@@ -261,7 +261,7 @@ async def check_page(config, url: str, html_file: Path | None, n_images: int,
     return 0 if listing.products else 1
 
 
-_DATA_HELP = "the collection folder (output_dir) that holds manifest.sqlite"
+_DATA_HELP = DATA_HELP
 
 
 class Status(BaseModel):
@@ -321,57 +321,28 @@ class _ReviewSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REVIEW_")
 
 
-class Review(_ReviewSettings):
-    """Review the collected images in a browser: filter, approve, reject, relabel, undo.
-    The page listens on 127.0.0.1; every decision is written to the manifest at once."""
-
-    # The same fields as collector.review.app.ReviewConfig (a test keeps them in step),
-    # declared here so that `collector --help` does not import the web app.
-    data: Path = Field(Path("collected"), description=_DATA_HELP)
-    host: str = Field("127.0.0.1", description="interface to listen on; keep it local")
-    port: int = Field(8765, ge=0, le=65535, description="port (0 = any free port)")
-    browser: bool = Field(True, description="open the page in the default browser "
-                                            "(--no-browser to skip)")
-    rank: str | None = Field(None, description=(
-        "before serving, rank images by how likely their label is wrong with this model: "
-        "'imagenet', a trainer run folder, an .onnx path or a BentoML tag "
-        "(same as `collector rank --model`)"))
-    thumbnail_dir: Path | None = Field(None, description=(
-        "thumbnail cache; default: .review/thumbs beside the manifest"))
+class Review(ReviewConfig, _ReviewSettings):
+    __doc__ = ReviewConfig.__doc__
 
     def cli_cmd(self) -> None:
-        data = _collection(self.data)
-        from collector.review.app import ReviewConfig, serve
+        from collector.review.app import serve  # the web app loads only when asked for
 
-        options = self.model_dump(exclude={"data"})
+        _collection(self.data)
         try:
-            serve(ReviewConfig(manifest=data, **options))
+            serve(ReviewConfig.model_validate(self.model_dump()))
         except (FileNotFoundError, ValueError, ImportError) as exc:
             raise SystemExit(f"error: {exc}") from None
 
 
-class Rank(_ReviewSettings):
-    """Rank the collected images by how likely their label is wrong (out-of-sample
-    k-fold predictions); the review page shows them and sorts by 'suspect'."""
-
-    # The same fields as collector.review.rank.RankConfig (a test keeps them in step).
-    data: Path = Field(Path("collected"), description=_DATA_HELP)
-    model: str = Field("imagenet", description=(
-        "features from: 'imagenet' (shipped ImageNet EfficientNet-Lite0; needs no run), a "
-        "trainer run folder holding an exported .onnx, an .onnx path, or a BentoML model tag"))
-    folds: int = Field(5, ge=2, le=20, description=(
-        "k of the k-fold: each image is predicted by a model fit on the other k-1 folds"))
-    threads: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1,
-                         description="CPU threads for the backbone")
-    cache_dir: Path | None = Field(None, description=(
-        "embedding cache; default: .review/ beside the manifest"))
+class Rank(RankConfig, _ReviewSettings):
+    __doc__ = RankConfig.__doc__
 
     def cli_cmd(self) -> None:
-        data = _collection(self.data)
-        from collector.review.rank import RankConfig, rank
+        from collector.review.rank import rank  # loads the backbone's dependencies
 
+        _collection(self.data)
         try:
-            result = rank(RankConfig(manifest=data, **self.model_dump(exclude={"data"})))
+            result = rank(RankConfig.model_validate(self.model_dump()))
         except (FileNotFoundError, ValueError, ImportError) as exc:
             raise SystemExit(f"error: {exc}") from None
         console.print(f"ranked {result['ranked']} images with {result['model']}: out-of-sample "

@@ -32,28 +32,12 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from collector.review.config import RankConfig, ReviewConfig
 from collector.review.store import ImageQuery, ReviewError, ReviewStore
 from collector.review.thumbnails import BROKEN_SVG, ThumbnailCache
 from service.contract import ImageDecodeError
 
 STATIC = Path(__file__).parent / "static"
-
-
-class ReviewConfig(BaseModel):
-    """Review the collected images in a browser: filter, approve, reject, relabel, undo."""
-
-    manifest: Path = Field(description="the collector's manifest.sqlite (from `collector crawl`), "
-                                       "or the collection folder holding it")
-    host: str = Field("127.0.0.1", description="interface to listen on; keep it local")
-    port: int = Field(8765, ge=0, le=65535, description="port (0 = any free port)")
-    browser: bool = Field(True, description="open the page in the default browser "
-                                            "(--no-browser to skip)")
-    rank: str | None = Field(None, description=(
-        "before serving, rank images by how likely their label is wrong with this model: "
-        "'imagenet', a trainer run folder, an .onnx path or a BentoML tag "
-        "(same as `collector rank`)"))
-    thumbnail_dir: Path | None = Field(None, description=(
-        "thumbnail cache; default: .review/thumbs beside the manifest"))
 
 
 class ActionRequest(BaseModel):
@@ -278,14 +262,14 @@ def serve(config: ReviewConfig) -> None:
     import uvicorn
 
     if config.rank:
-        from collector.review.rank import RankConfig, rank
+        from collector.review.rank import rank
 
-        result = rank(RankConfig(manifest=config.manifest, model=config.rank))
+        result = rank(RankConfig(data=config.data, model=config.rank))
         print(f"ranked {result['ranked']} images ({result['model']})", file=sys.stderr)
     local = config.host in LOOPBACK_NAMES
     # Off loopback anyone on the network could reach the page: a fresh token per start.
     token = None if local else secrets.token_urlsafe(24)
-    app = create_app(config.manifest, config.thumbnail_dir, check_host=local, token=token)
+    app = create_app(config.data, config.thumbnail_dir, check_host=local, token=token)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level="warning", access_log=False))
     _announce(server, config, token)
@@ -314,20 +298,3 @@ def _announce(server, config: ReviewConfig, token: str | None) -> None:
         if config.browser:
             webbrowser.open(url)
     threading.Thread(target=wait, daemon=True).start()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`collector review` and `python -m collector.review` call this."""
-    from pydantic_settings import CliApp
-
-    from collector.review.rank import _settings_cls
-
-    cli = _settings_cls(ReviewConfig, "collector review")
-    parsed = CliApp.run(cli, cli_args=sys.argv[1:] if argv is None else argv)
-    config = ReviewConfig.model_validate(parsed.model_dump())
-    try:
-        serve(config)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0

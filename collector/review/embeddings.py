@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from collector.review.config import IMAGENET  # the one name for the shipped features
 from service.contract import ImageDecodeError, ModelContract, load_and_preprocess
 
-IMAGENET = "imagenet"
 BATCH_SIZE = 32
 EXPORT_VERSION = 1  # bump when the exported feature graph changes
 log = logging.getLogger("collector.review")

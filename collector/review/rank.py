@@ -13,35 +13,19 @@ included; rejected images are left out of the fit), and stores one prediction pe
 from __future__ import annotations
 
 import os
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from collector.review.embeddings import IMAGENET, Backbone, embed_files, load_backbone
-from collector.review.ranking import DEFAULT_FOLDS, rank_label_issues
+from collector.review.config import RankConfig
+from collector.review.embeddings import Backbone, embed_files, load_backbone
+from collector.review.ranking import rank_label_issues
 from collector.review.store import ReviewError, ReviewStore
 
 console = Console(stderr=True)
-
-
-class RankConfig(BaseModel):
-    """Rank collected images by how likely their label is wrong (out-of-sample predictions)."""
-
-    manifest: Path = Field(description="the collector's manifest.sqlite")
-    model: str = Field(IMAGENET, description=(
-        "features from: 'imagenet' (shipped ImageNet EfficientNet-Lite0; needs no run), a "
-        "trainer run folder holding an exported .onnx, an .onnx path, or a BentoML model tag"))
-    folds: int = Field(DEFAULT_FOLDS, ge=2, le=20, description=(
-        "k of the k-fold: each image is predicted by a model fit on the other k-1 folds"))
-    threads: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1,
-                         description="CPU threads for the backbone")
-    cache_dir: Path | None = Field(None, description=(
-        "embedding cache; default: .review/ beside the manifest"))
 
 
 def cache_dir_for(manifest: Path) -> Path:
@@ -77,7 +61,7 @@ def embed_with_cache(backbone: Backbone, keys: list[str], paths: list[Path],
 
 def rank(config: RankConfig) -> dict:
     """Compute and store predictions; returns a small summary."""
-    store = ReviewStore(config.manifest)
+    store = ReviewStore(config.data)
     rows = [row for row in store.stored_images() if row["review_status"] != "rejected"
             and _inside_store(store, row)]
     if len(rows) < 2 * config.folds:
@@ -85,7 +69,7 @@ def rank(config: RankConfig) -> dict:
     backbone = load_backbone(config.model, threads=config.threads)
     keys = [row["sha256"] or f"id{row['id']}" for row in rows]
     paths = [store.image_path(row["id"], row["path"]) for row in rows]
-    cache = (config.cache_dir or cache_dir_for(config.manifest)) / \
+    cache = (config.cache_dir or cache_dir_for(config.data)) / \
         f"embeddings-{backbone.model_id}.npz"
     features = embed_with_cache(backbone, keys, paths, cache)
     usable = ~np.isnan(features).any(axis=1)
@@ -116,35 +100,3 @@ def _inside_store(store: ReviewStore, row) -> bool:
                       "outside the image store")
         return False
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pydantic_settings import CliApp
-
-    config = CliApp.run(_RankCli, cli_args=sys.argv[1:] if argv is None else argv)
-    try:
-        result = rank(RankConfig.model_validate(config.model_dump()))
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    console.print(f"ranked {result['ranked']} images with {result['model']}: out-of-sample "
-                  f"predictions agree with {result['out_of_sample_agreement']:.1%} of labels; "
-                  f"{result['confident_disagreements']} confident disagreements to review "
-                  f"(sort by 'suspect' on the review page)")
-    return 0
-
-
-def _settings_cls(model: type[BaseModel], prog: str):
-    from pydantic_settings import BaseSettings, SettingsConfigDict
-
-    class Cli(model, BaseSettings):  # type: ignore[misc, valid-type]
-        model_config = SettingsConfigDict(cli_prog_name=prog, cli_implicit_flags=True,
-                                          cli_kebab_case=True, env_prefix="REVIEW_")
-    Cli.__doc__ = model.__doc__
-    return Cli
-
-
-_RankCli = _settings_cls(RankConfig, "python -m collector.review.rank")
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_FOLDS = 5
+from collector.review.config import DEFAULT_FOLDS
+
 PCA_DIMS = 256
 
 

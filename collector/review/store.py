@@ -133,7 +133,7 @@ class ReviewStore:
             self.path = self.path / MANIFEST_FILE
         if not self.path.is_file():
             raise FileNotFoundError(
-                f"no manifest at {self.path}; run `collector crawl` first, or pass --manifest")
+                f"no manifest at {self.path}; run `collector crawl` first, or pass --data")
         self.root = self.path.parent
         Manifest(self.path).close()  # the collector's schema (idempotent), WAL mode on
         with self._connect() as db:

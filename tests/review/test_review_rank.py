@@ -8,8 +8,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from collector.review.config import RankConfig
 from collector.review.embeddings import embed_files, load_backbone, penultimate_tensor
-from collector.review.rank import RankConfig, rank
+from collector.review.rank import rank
 from collector.review.ranking import rank_label_issues
 from collector.review.store import ImageQuery, ReviewStore
 from service.contract import ModelContract
@@ -19,7 +20,7 @@ from tests.review.conftest import card, open_page, row, wait_for_thumbnails
 def test_review_rank_finds_mislabelled_photos_and_p_accepts_the_suggestion(
         review_manifest, review_server, browser, screenshots):
     manifest = review_manifest["manifest"]
-    result = rank(RankConfig(manifest=manifest, model="imagenet", threads=2))
+    result = rank(RankConfig(data=manifest, model="imagenet", threads=2))
     store = ReviewStore(manifest)
     visible = store.summary()["total"]
     assert result["unreadable"] == 1                      # the broken file, left out
@@ -39,7 +40,7 @@ def test_review_rank_finds_mislabelled_photos_and_p_accepts_the_suggestion(
     # Re-ranking reuses the cached embeddings: the cache file is not rewritten.
     cache = next((manifest.parent / ".review").glob("embeddings-*.npz"))
     before = cache.stat().st_mtime_ns
-    again = rank(RankConfig(manifest=manifest, model="imagenet", threads=2))
+    again = rank(RankConfig(data=manifest, model="imagenet", threads=2))
     assert cache.stat().st_mtime_ns == before
     assert again["out_of_sample_agreement"] == result["out_of_sample_agreement"]
 
