@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 ONNX_INPUT = "input"     # float32 [batch, 3, input_size, input_size], normalised
 ONNX_OUTPUT = "logits"   # float32 [batch, len(labels)]
+ATTRIBUTE_OUTPUT = "attr_{}"  # float32 [batch, len(attributes[name])], one per attribute
 CONTRACT_KEY = "product_classifier.contract"  # one JSON document in ONNX metadata_props
 
 # A 12000 x 12000 photo is plausible from a camera; beyond 50 MP it is a bomb or an error.
@@ -53,6 +54,9 @@ class ModelContract(BaseModel):
     temperature: float = Field(1.0, gt=0, description=(
         "calibrated scores are softmax(logits / temperature); fitted on validation by the "
         "trainer, 1.0 = uncalibrated"))
+    attributes: dict[str, list[str]] | None = Field(None, description=(
+        "attribute -> its values, one ONNX output `attr_NAME` each (scores: plain softmax); "
+        "absent: a single-head model"))
 
     @field_validator("labels")
     @classmethod
@@ -63,6 +67,21 @@ class ModelContract(BaseModel):
             raise ValueError("labels must be non-empty strings")
         return labels
 
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_values(cls, attributes: dict[str, list[str]] | None):
+        for name, values in (attributes or {}).items():
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"attribute name {name!r}: use letters, digits and '_'")
+            if len(values) < 2 or len(set(values)) != len(values) or not all(values):
+                raise ValueError(f"attribute {name!r} needs 2 or more unique values, got "
+                                 f"{values}")
+        return attributes or None
+
+    def outputs(self) -> list[str]:
+        """The ONNX outputs the model has: `logits`, then one per attribute."""
+        return [ONNX_OUTPUT, *(ATTRIBUTE_OUTPUT.format(name) for name in self.attributes or {})]
+
     @model_validator(mode="after")
     def _positive_std(self) -> ModelContract:
         if any(s <= 0 for s in self.std):
@@ -71,8 +90,10 @@ class ModelContract(BaseModel):
 
     def to_metadata(self) -> dict[str, str]:
         """Key/value strings for ONNX `metadata_props` (and readable keys for humans)."""
+        # A single-head model writes exactly what it wrote before attributes existed.
         return {
-            CONTRACT_KEY: self.model_dump_json(),
+            CONTRACT_KEY: self.model_dump_json(exclude={"attributes"} if not self.attributes
+                                               else None),
             "labels": json.dumps(self.labels),
             "version": self.version,
         }

@@ -63,3 +63,47 @@ def tiny_run(tmp_path_factory) -> Path:
     train(TrainConfig(data=DEMO_CATALOG, out=out, epochs=0, head_epochs=2, max_train_images=50,
                       max_val_images=10))
     return out
+
+
+def write_attribute_dataset(catalog: Path, out: Path, per_label: int = 16,
+                            val_every: int = 4) -> Path:
+    """An export-shaped dataset (train/ and val/ ImageFolders + manifest.csv with an
+    attr_colour column) from the demo photos and their shipped colours (demo_data/colours.json:
+    'unknown' where a photo has none), as `collector export` writes it after a crawl."""
+    import csv
+    import json
+    import shutil
+
+    colours = json.loads((catalog.parent / "colours.json").read_text())
+    rows = []
+    for folder in sorted(p for p in catalog.iterdir() if p.is_dir()):
+        for n, photo in enumerate(sorted(folder.glob("*.jpg"))[:per_label]):
+            split = "val" if n % val_every == 0 else "train"
+            relative = f"{split}/{folder.name}/{photo.name}"
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(photo, out / relative)
+            rows.append({"split": split, "label": folder.name, "file": relative,
+                         "attr_colour": colours.get(f"{folder.name}/{photo.name}", "unknown")})
+    with open(out / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+@pytest.fixture(scope="session")
+def attribute_export(tmp_path_factory) -> Path:
+    """A real multi-head model: `trainer train` (head only, 128 px) on 160 demo photos whose
+    manifest.csv has a colour per photo, the attribute heads, then `trainer export` (parity per
+    head). Returns the exported model.onnx; its run folder is two levels up."""
+    from trainer.attributes import fit_attributes
+    from trainer.config import TrainConfig
+    from trainer.export import export
+    from trainer.train import train
+
+    root = tmp_path_factory.mktemp("attributes")
+    data = write_attribute_dataset(DEMO_CATALOG, root / "data")
+    run = root / "run"
+    train(TrainConfig(data=data, out=run, epochs=0, head_epochs=8, image_size=128))
+    fit_attributes(run)
+    return export(run, save=False).onnx_path

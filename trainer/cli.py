@@ -25,6 +25,9 @@ class Train(TrainConfig):
         config = TrainConfig.model_validate(self.model_dump())
         result = train(config)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one report, by rank 0
+            from trainer.attributes import fit_attributes
+
+            fit_attributes(result.run_dir)  # attr_ columns in DATA/manifest.csv: their heads
             evaluate(result.run_dir)
 
 

@@ -95,6 +95,9 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
             "fitted": checkpoint.get("calibration", {})},
         "selection": {k: v for k, v in selection.items() if k != "oof"},
     }
+    heads = checkpoint.get("attributes") or {}
+    if heads:  # per-attribute metrics (trainer.attributes, on the run's validation photos)
+        metrics["attributes"] = {"evaluated_on": heads["evaluated_on"], **heads["metrics"]}
     # Another data set gets its own folder, so the run's own report is never overwritten.
     out = run.report if data is None else run.root / f"report-{Path(data).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,10 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     atomic_write_json(out / "confusion_matrix.json", {"labels": labels, "rows_true_cols_predicted":
                                                       matrix.tolist()})
     plot_confusion(matrix, labels, out / "confusion_matrix.png")
+    for name, head in heads.get("metrics", {}).items():
+        if head["confusion_matrix"]:
+            plot_confusion(np.asarray(head["confusion_matrix"]), head["values"],
+                           out / f"confusion_matrix_attr_{name}.png")
     history = json.loads(run.history.read_text()) if run.history.is_file() else []
     plot_curves(history, out / "curves.png")
     mistakes = worst_mistakes(samples, probs, truth, labels)
@@ -231,6 +238,25 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
     return lines
 
 
+def attribute_lines(attributes: dict | None) -> list[str]:
+    """One row per attribute head, then its confusion matrix (values known only)."""
+    if not attributes:
+        return []
+    heads = {k: v for k, v in attributes.items() if k != "evaluated_on"}
+    fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+    return ["## Attributes", "",
+            (f"One linear head per attribute on the shared backbone, trained on the title-derived "
+             f"values (unknown ones masked out of the loss); judged on "
+             f"{attributes['evaluated_on']}, over the photos whose value is known."), "",
+            "| attribute | values | val photos known | unknown | accuracy | macro-F1 | "
+            "majority baseline |", "|---|---|---:|---:|---:|---:|---:|",
+            *[f"| {name} | {', '.join(h['values'])} | {h['images']} | {h['unknown']} | "
+              f"{fmt(h['accuracy'])} | {fmt(h['macro_f1'])} | {fmt(h['majority_baseline'])} |"
+              for name, h in heads.items()], "",
+            *[f"![{name} confusion matrix](confusion_matrix_attr_{name}.png)\n"
+              for name, h in heads.items() if h["confusion_matrix"]], ""]
+
+
 def write_model_card(run: RunDir, out: Path, contract, metrics: dict, history: list[dict],
                      mistakes: list[dict]) -> Path:
     info = json.loads(run.dataset.read_text())
@@ -249,6 +275,7 @@ def write_model_card(run: RunDir, out: Path, contract, metrics: dict, history: l
         f"- training wall time {history[-1]['wall_s'] if history else '?'} s", "",
         *selection_lines(metrics["selection"], best), "",
         *calibration_lines(metrics["calibration"], metrics["evaluated_on"]), "",
+        *attribute_lines(metrics.get("attributes")),
         "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|",
         *[f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for name, m in metrics["per_class"].items()], "",

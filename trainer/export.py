@@ -52,6 +52,8 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
     """Write model to path with a dynamic batch axis and the contract in metadata_props.
     Returns the exporter actually used."""
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    # A MultiHead (trainer.heads) has one output per head: logits, attr_NAME, ...
+    outputs = getattr(model, "output_names", [ONNX_OUTPUT])
     example = torch.zeros(2, 3, contract.input_size, contract.input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     used = exporter
@@ -60,7 +62,7 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
         if exporter == "dynamo":
             try:
                 torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
-                                  output_names=[ONNX_OUTPUT], dynamo=True, optimize=True,
+                                  output_names=outputs, dynamo=True, optimize=True,
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
                                   verbose=False)
             except Exception as exc:  # noqa: BLE001 - any op the dynamo exporter cannot trace yet
@@ -68,8 +70,9 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
                 used = "torchscript"
         if used == "torchscript":
             torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
-                              output_names=[ONNX_OUTPUT], dynamo=False, opset_version=17,
-                              dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
+                              output_names=outputs, dynamo=False, opset_version=17,
+                              dynamic_axes={ONNX_INPUT: {0: "batch"},
+                                            **{name: {0: "batch"} for name in outputs}})
     proto = onnx.load(str(path))  # one file: weights inlined, metadata added
     proto.ir_version = min(proto.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
     del proto.metadata_props[:]
@@ -161,10 +164,13 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     console = console or Console()
     run = RunDir(Path(run_dir))
     model, contract, checkpoint = load_trained(run.root)
+    from trainer.attributes import check_heads, load_multihead
+
+    multi = load_multihead(checkpoint, model)  # attribute heads beside the main one, if any
     out = run.export
     fp32_path = out / FP32_FILE
     t0 = time.perf_counter()
-    used = export_onnx(model, contract, fp32_path, exporter)
+    used = export_onnx(multi or model, contract, fp32_path, exporter)
     console.print(f"exported {fp32_path} ({used} exporter, {time.perf_counter() - t0:.0f}s, "
                   f"{fp32_path.stat().st_size / 1e6:.1f} MB)")
 
@@ -194,6 +200,11 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
         atomic_write_json(out / "export.json", report)
         raise ParityError(f"ONNX export disagrees with torch: {report['parity']}, val accuracy "
                           f"{acc_onnx} vs {acc_torch}; see {out / 'export.json'}")
+
+    if multi is not None:  # the same parity and accuracy checks, head by head
+        report["attributes"] = check_heads(multi, sess, images, val.samples, run, tolerance,
+                                           parity_images, console)
+        atomic_write_json(out / "export.json", report)
 
     batch = min(16, len(images))
     report["fp32_images_per_s_batch16"] = round(images_per_second(sess, images, batch), 1)
