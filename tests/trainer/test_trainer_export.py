@@ -4,6 +4,7 @@ model store entry loads the way the service loads it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from trainer.runs import RunDir, load_trained
 
 @pytest.fixture(scope="module")
 def exported(tiny_run):
-    return export(tiny_run, int8=True, name="trainer-test-model")
+    return export(tiny_run, int8=True, name="trainer-test-model", flip_tta=True)
 
 
 def test_onnx_matches_torch_on_real_photos(exported, tiny_run):
@@ -91,3 +92,22 @@ def test_evaluation_report_is_written(tiny_run):
     assert set(metrics["per_class"]) == {"hat", "pants", "shoes", "t-shirt"}
     card = (report / "MODEL_CARD.md").read_text()
     assert f"accuracy **{metrics['accuracy']:.4f}**" in card and "## Config" in card
+
+
+def test_flip_tta_graph_averages_a_photo_and_its_mirror(exported, tiny_run):
+    from trainer.tta import FlipAverage
+
+    model, contract, _ = load_trained(tiny_run)
+    images = EvalImages(run_samples(RunDir(tiny_run), "val"), contract, Skipped()).tensor.numpy()
+    report = exported.report["flip_tta"]
+    sess = session(Path(report["file"]))
+    ours = onnx_logits(sess, images)
+    assert np.abs(ours - torch_logits(FlipAverage(model), images)).max() < 1e-3
+    # Mirror-invariant by construction: a photo and its mirror image score the same.
+    mirrored = np.ascontiguousarray(images[:, :, :, ::-1])
+    assert np.abs(onnx_logits(sess, mirrored) - ours).max() < 1e-3
+    plain = onnx_logits(session(exported.onnx_path), images)
+    assert np.abs(onnx_logits(session(exported.onnx_path), mirrored) - plain).max() > 1e-3
+    assert report["val_acc_gain"] == pytest.approx(report["val_acc"] - report["val_acc_plain"])
+    assert report["val_acc_plain"] == exported.report["val_acc_onnx"]
+    assert read_contract(Path(report["file"])) == read_contract(exported.onnx_path)
