@@ -40,6 +40,10 @@ class TrainConfig(BaseModel):
         "(224 / 240 / 260 for Lite0 / 1 / 2)"))
     crop_pct: float | None = Field(None, gt=0.3, le=1.0, description=(
         "evaluation centre crop / resized short side; default: the backbone's own (0.875)"))
+    train_image_size: int | None = Field(None, ge=32, le=1024, description=(
+        "random crops for fine-tuning at this size, below image_size (FixRes: random crops "
+        "enlarge objects, so training lower than testing matches their apparent size; each "
+        "step costs ~(train/test)^2, e.g. 192 for 224: ~0.73x); default: image_size"))
 
     # --- schedule ----------------------------------------------------------------------------
     steps: int | None = Field(None, ge=1, description=(

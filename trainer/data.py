@@ -213,7 +213,7 @@ def decode_all(samples: list[Sample], fn, skipped: Skipped, progress=None,
 
 def train_transform(config, contract: ModelContract) -> T.Compose:
     """Augmentations on PIL images, ending in the contract's normalisation."""
-    size = contract.input_size
+    size = config.train_image_size or contract.input_size
     normalize = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
                  T.Normalize(list(contract.mean), list(contract.std))]
     if config.augment == "none":

@@ -139,3 +139,13 @@ def test_head_phase_view_is_the_contract_preprocessing(tiny_folder):
     expected = np.stack([preprocess(image, contract) for image in dataset.images])
     assert np.array_equal(torch.cat(batches).numpy(), expected)
     assert np.array_equal(dataset[0][0].numpy(), expected[0])
+
+
+def test_fine_tuning_crops_can_be_smaller_than_the_served_size(tiny_folder, tmp_path):
+    # FixRes: train at 48 px, evaluate (and serve) at 64 px.
+    splits = discover(tiny_folder)
+    contract = contract_for(splits.labels, size=64)
+    config = TrainConfig(data=tiny_folder, out=tmp_path, train_image_size=48)
+    dataset = TrainImages(splits.val[:2], contract, train_transform(config, contract), Skipped())
+    assert dataset[0][0].shape == (3, 48, 48)
+    assert EvalImages(splits.val[:2], contract, Skipped()).tensor.shape[-1] == 64
