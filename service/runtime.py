@@ -155,6 +155,11 @@ class OrtRuntime:
     def run(self, batch: np.ndarray) -> np.ndarray:
         return run_logits(self.session, batch)
 
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> np.ndarray:
+        """Several outputs of one run, side by side: [N, sum of their widths]."""
+        return np.concatenate(self.session.run(
+            names, {ONNX_INPUT: np.ascontiguousarray(batch, np.float32)}), axis=1)
+
 
 # OpenVINO's names for the precisions the accuracy gate checks.
 OV_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -202,6 +207,13 @@ class OpenVinoRuntime:
             request = self._local.request = self.compiled.create_infer_request()
         result = request.infer({0: np.ascontiguousarray(batch, np.float32)}, share_outputs=False)
         return result[self.compiled.output(0)]
+
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> np.ndarray:
+        """Several outputs of one inference, side by side: [N, sum of their widths]."""
+        self.run(batch)
+        request = self._local.request
+        return np.concatenate([request.get_tensor(self.compiled.output(name)).data.copy()
+                               for name in names], axis=1)
 
 
 def open_runtime(path: Path, *, runtime: str, precision: str = "fp32",

@@ -22,12 +22,35 @@ class ModelRef(BaseModel):
     version: str
 
 
+class AttributePrediction(BaseModel):
+    label: str | None = Field(description="the most likely value; null when its score is below "
+                                          "the request's min_score for this attribute")
+    score: float = Field(ge=0, le=1, description="probability of the most likely value")
+    top_k: list[LabelScore] = Field(description="the most likely values, best first")
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, values: Sequence[str], *, top_k: int,
+                    min_score: float | None = None) -> AttributePrediction:
+        order = np.argsort(scores)[::-1][:top_k]
+        ranked = [LabelScore(label=values[i], score=float(scores[i])) for i in order]
+        best = ranked[0]
+        label = best.label if min_score is None or best.score >= min_score else None
+        return cls(label=label, score=best.score, top_k=ranked)
+
+
+# Absent, not null, for a single-head model: its answers stay exactly what they were.
+_ABSENT_IF_NONE = {"exclude_if": lambda value: value is None}
+
+
 class Prediction(BaseModel):
     label: str | None = Field(description="the most likely label; null when its score is below "
                                           "the request's min_score (the model is unsure)")
     score: float = Field(ge=0, le=1, description="probability of the most likely label")
     top_k: list[LabelScore] = Field(description="the most likely labels, best first")
     model: ModelRef
+    attributes: dict[str, AttributePrediction] | None = Field(None, description=(
+        "attribute -> its value, score and top-k (colour, pattern, ...); only from a model "
+        "with attribute heads"), **_ABSENT_IF_NONE)
 
 
     @classmethod
@@ -55,6 +78,9 @@ class ModelCard(BaseModel):
     labels: list[str]
     input_size: int
     metrics: dict = Field(description="evaluation metrics stored with the model, if any")
+    attributes: dict[str, list[str]] | None = Field(None, description=(
+        "attribute -> its values, answered per image beside the label; absent: a single-head "
+        "model"), **_ABSENT_IF_NONE)
 
 
 class ErrorBody(BaseModel):

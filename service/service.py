@@ -38,6 +38,7 @@ from service.guard import ApiKeys, DecodeBusy, ImageRoute, PixelBudget, RequestG
 from service.model_store import resolve_model, select_variant
 from service.runtime import check_model_file, choose_runtime, open_runtime, variant_name
 from service.schemas import (
+    AttributePrediction,
     BatchPrediction,
     ErrorBody,
     ModelCard,
@@ -87,6 +88,17 @@ def error_response(status: int, reason: str, message: str) -> JSONResponse:
 UNREADABLE = "not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)"
 MIN_SCORE = Field(None, ge=0.0, le=1.0,
                   description="answer label null when the best score is below this")
+ATTRIBUTE_MIN_SCORE = Field(None, max_length=64, description=(
+    'per attribute, a JSON object: {"colour": 0.6} answers that attribute\'s label null when '
+    "its best score is below 0.6 (attributes not named: no threshold)"))
+# The model's outputs in order (logits, then attr_NAME per attribute) and where each head's
+# columns lie in what OnnxModel.logits returns.
+OUTPUTS = MODEL.contract.outputs()
+HEAD_COLUMNS: dict[str, slice] = {}
+_start = len(MODEL.contract.labels)
+for _name, _values in (MODEL.contract.attributes or {}).items():
+    HEAD_COLUMNS[_name] = slice(_start, _start + len(_values))
+    _start += len(_values)
 
 try:  # a missing key file stops start-up with its cure, not a traceback
     API_KEYS = ApiKeys(settings.api_key_list(), settings.open_path_set())
@@ -136,6 +148,8 @@ class OnnxModel:
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] crops (`contract.load_pixels`) -> float32 [N, classes] logits."""
         metrics.batch_images.observe(len(pixels))
+        if MODEL.contract.attributes:  # every head from the same run, side by side
+            return self.runtime.run_outputs(normalize(pixels, MODEL.contract), OUTPUTS)
         return self.runtime.run(normalize(pixels, MODEL.contract))
 
 
@@ -156,16 +170,19 @@ class ProductClassifier:
         self.top_k = min(settings.top_k, len(self.contract.labels))
 
     @bentoml.api
-    async def classify(self, image: UploadedImage, min_score: float | None = MIN_SCORE) -> Prediction:
+    async def classify(self, image: UploadedImage, min_score: float | None = MIN_SCORE,
+                       attribute_min_score: dict[str, float] | None = ATTRIBUTE_MIN_SCORE) -> Prediction:
         """Classify one product photo (multipart field `image`)."""
-        result = await self._classify([image], min_score)
+        result = await self._classify([image], min_score, attribute_min_score)
         return result if isinstance(result, JSONResponse) else result[0]
 
     @bentoml.api
     async def classify_batch(self, images: list[UploadedImage],
-                             min_score: float | None = MIN_SCORE) -> BatchPrediction:
+                             min_score: float | None = MIN_SCORE,
+                             attribute_min_score: dict[str, float] | None = ATTRIBUTE_MIN_SCORE
+                             ) -> BatchPrediction:
         """Classify several photos in one request (repeat the multipart field `images`)."""
-        result = await self._classify(images, min_score)
+        result = await self._classify(images, min_score, attribute_min_score)
         return result if isinstance(result, JSONResponse) else BatchPrediction(predictions=result)
 
     @model_app.get("/model", response_model=ServedModelCard)
@@ -177,10 +194,15 @@ class ProductClassifier:
                                architecture=contract.architecture or "unknown",
                                labels=contract.labels, input_size=contract.input_size,
                                metrics=MODEL.metrics, runtime=RUNTIME, device=DEVICE,
-                               accuracy_gate=GATE)
+                               accuracy_gate=GATE, attributes=contract.attributes)
 
-    async def _classify(self, uploads: list[UploadedImage],
-                        min_score: float | None) -> list[Prediction] | JSONResponse:
+    async def _classify(self, uploads: list[UploadedImage], min_score: float | None,
+                        attribute_min_score: dict[str, float] | None = None
+                        ) -> list[Prediction] | JSONResponse:
+        try:
+            thresholds = self._attribute_thresholds(attribute_min_score)
+        except ValueError as error:
+            return error_response(400, "bad_attribute_min_score", str(error))
         try:
             # Headers only: the pixels a decode would hold are known before any is decoded.
             opened = await asyncio.to_thread(self._open_all, uploads)
@@ -214,7 +236,34 @@ class ProductClassifier:
             return error_response(503, "model_unavailable",
                                   f"the model worker is restarting ({type(error).__name__}); "
                                   "retry shortly")
-        return [self._prediction(row, min_score) for row in softmax(np.asarray(logits))]
+        logits = np.asarray(logits)
+        if not HEAD_COLUMNS:
+            return [self._prediction(row, min_score) for row in softmax(logits)]
+        main = softmax(logits[:, :len(self.contract.labels)])
+        heads = {name: softmax(logits[:, columns]) for name, columns in HEAD_COLUMNS.items()}
+        predictions = []
+        for i, row in enumerate(main):
+            prediction = self._prediction(row, min_score)
+            prediction.attributes = {
+                name: AttributePrediction.from_scores(
+                    scores[i], self.contract.attributes[name],
+                    top_k=min(settings.top_k, len(self.contract.attributes[name])),
+                    min_score=thresholds.get(name))
+                for name, scores in heads.items()}
+            predictions.append(prediction)
+        return predictions
+
+    def _attribute_thresholds(self, given: dict[str, float] | None) -> dict[str, float]:
+        """The attribute_min_score field (BentoML has parsed the JSON object): names this
+        model has, scores in [0, 1]."""
+        known = self.contract.attributes or {}
+        for name, score in (given or {}).items():
+            if name not in known:
+                raise ValueError(f"attribute_min_score names {name!r}; this model's attributes "
+                                 f"are {sorted(known) or 'none'}")
+            if not 0 <= score <= 1:
+                raise ValueError(f"attribute_min_score[{name!r}] must be in [0, 1], not {score}")
+        return dict(given or {})
 
     def _open_all(self, uploads: list[UploadedImage]) -> list:
         opened = []
