@@ -24,5 +24,5 @@ def test_demo_shop_titles_and_sources_carry_the_colour_attribute(demo_catalog, t
         seen["unknown" if expected == "unknown" else "known"] += 1
     assert seen["known"] > seen["unknown"] > 0
     # The shipped file is what the heuristic says (it is derived, not hand-made).
-    key, colour = sorted(colours.items())[0]
+    key, colour = min(colours.items())
     assert photo_colour(demo_catalog / key) == colour

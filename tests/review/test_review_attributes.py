@@ -21,7 +21,7 @@ def give_colours(manifest_path, ids: dict[str, list[int]]) -> dict[int, str]:
     colours = {}
     db = sqlite3.connect(manifest_path)
     with db:
-        for label, label_ids in ids.items():
+        for label_ids in ids.values():
             for n, image_id in enumerate(label_ids):
                 colour = ("blue", "red", "unknown")[n % 3]
                 colours[image_id] = colour
@@ -76,7 +76,8 @@ def test_review_api_sets_undoes_and_exports_attribute_decisions(review_server, r
         counts = m.attribute_counts()["colour"]
         result = export_dataset(m, tmp_path / "dataset")
     assert counts["black"] == 1
-    rows = list(csv.DictReader(open(result.out_dir / "manifest.csv")))
+    with open(result.out_dir / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     by_url = {r["url"]: r for r in rows}
     assert by_url[row(manifest, blue)["url"]]["attr_colour"] == "black"
     assert by_url[row(manifest, red)["url"]]["attr_colour"] == "red"
