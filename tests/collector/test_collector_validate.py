@@ -55,3 +55,21 @@ def test_collector_near_duplicate_phash_is_close():
     hashes = [validate_image(d, Validation()) for d in (PHOTO, out.getvalue(), other)]
     groups = cluster([h.sha256 for h in hashes], [h.phash for h in hashes], threshold=6)
     assert groups[0] == groups[1] != groups[2]
+
+
+def test_collector_phash_same_bits_as_imagehash():
+    """validate's scipy-free phash gives imagehash.phash's bits, so hashes stored by earlier
+    runs stay comparable (same draft-decoded image in, same 16 hex digits out)."""
+    import imagehash
+
+    from collector.validate import _HASH_DRAFT, phash
+    from service.contract import decode_image
+
+    photos = sorted(DEMO_CATALOG.glob("*/*.jpg"))[:40]
+    assert photos
+    for path in photos:
+        image = decode_image(path.read_bytes(), draft_size=_HASH_DRAFT)
+        assert phash(image) == str(imagehash.phash(image)), path
+    png = Image.open(io.BytesIO(PHOTO)).convert("RGBA")
+    assert validate_image(encode(png, "PNG"), Validation()).phash == str(
+        imagehash.phash(decode_image(encode(png, "PNG"))))
