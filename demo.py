@@ -89,9 +89,15 @@ def held_out_photos(dataset: Path, count: int) -> list[tuple[str, Path]]:
     return picked
 
 
-def classify_held_out(url: str, photos: list[tuple[str, Path]]) -> Table:
+def classify_held_out(url: str, photos: list[tuple[str, Path]],
+                      colours: dict[str, str] | None = None) -> Table:
+    """The answers as a table; with `colours` (file name -> the colour its title named) the
+    model's colour head beside it."""
     table = Table(title="held-out photos through POST /classify")
-    for column in ("photo", "true label", "predicted", "score", "latency ms"):
+    columns = ["photo", "true label", "predicted", "score", "latency ms"]
+    if colours:
+        columns[4:4] = ["title colour", "predicted colour"]
+    for column in columns:
         table.add_column(column, justify="right" if column in ("score", "latency ms") else "left")
     with httpx.Client(timeout=30) as client:
         for true_label, photo in photos:
@@ -103,9 +109,24 @@ def classify_held_out(url: str, photos: list[tuple[str, Path]]) -> Table:
                 raise StepFailed(f"/classify answered {response.status_code}: {response.text}")
             body = response.json()
             mark = "[green]" if body["label"] == true_label else "[red]"
-            table.add_row(photo.name, true_label, f"{mark}{body['label']}[/]",
-                          f"{body['score']:.2f}", f"{latency_ms:.0f}")
+            cells = [photo.name, true_label, f"{mark}{body['label']}[/]", f"{body['score']:.2f}"]
+            if colours:
+                said = colours.get(photo.name, "unknown")
+                got = (body.get("attributes") or {}).get("colour", {})
+                hue = "" if said == "unknown" else "[green]" if got.get("label") == said else "[red]"
+                cells += [said, f"{hue}{got.get('label')} {got.get('score', 0):.2f}" +
+                          ("[/]" if hue else "")]
+            table.add_row(*cells, f"{latency_ms:.0f}")
     return table
+
+
+def title_colours(dataset: Path) -> dict[str, str]:
+    """file name -> attr_colour of the export's manifest.csv (empty without the column)."""
+    import csv
+
+    with open(dataset / "manifest.csv", newline="") as handle:
+        return {Path(row["file"]).name: row["attr_colour"] for row in csv.DictReader(handle)
+                if row.get("attr_colour")}
 
 
 def run_demo(out: Path, small: bool = False) -> int:
@@ -160,7 +181,8 @@ def run_demo(out: Path, small: bool = False) -> int:
         console.print(f"{url} ready in {serve.cold_start_s:.1f} s, serving {tag}")
 
         console.rule("[bold]7. classify held-out photos")
-        console.print(classify_held_out(url, held_out_photos(dataset, 4 if small else 10)))
+        console.print(classify_held_out(url, held_out_photos(dataset, 4 if small else 10),
+                                        title_colours(dataset)))
 
         console.rule("[bold]8. short Locust burst")
         burst = run_locust(url, users=8, run_time_s=5 if small else 15,
