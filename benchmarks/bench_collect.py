@@ -9,12 +9,16 @@ URL list and run as their CLIs, each from a cold start into an empty folder, alt
   img2dataset  its defaults (1 process, 256 threads, re-encode on) with `--resize_mode no`
 
 images/s = images each tool stored / wall seconds of its whole command. Medians over repeats.
+The load average (1 min) at the start and end is printed and kept in results.json: on shared
+cores the ratio moves with it (img2dataset's 256 threads suffer more from a busy machine),
+so a figure without its load is not comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sqlite3
 import statistics
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         files = url_lists(shop_url, args.out)
         n_urls = sum(len(p.read_text().split()) for p in files.values())
         console.print(f"{n_urls} image URLs from {args.catalog} served at {shop_url}")
+        load_start = os.getloadavg()[0]
         runs: dict[str, list[tuple[int, float]]] = {"collector": [], "img2dataset": []}
         for repeat in range(args.repeats):
             runs["collector"].append(run_collector(files, args.out / "collector",
@@ -125,11 +130,13 @@ def main(argv: list[str] | None = None) -> None:
                                                        args.out / "img2dataset"))
             console.print(f"repeat {repeat + 1}: " + ", ".join(
                 f"{tool} {r[-1][0]} images in {r[-1][1]:.1f} s" for tool, r in runs.items()))
+        load_end = os.getloadavg()[0]
     finally:
         shop.terminate()
         shop.wait(timeout=10)
 
-    table = Table(title=f"bench-collect: {n_urls} URLs on 127.0.0.1, median of {args.repeats}")
+    table = Table(title=f"bench-collect: {n_urls} URLs on 127.0.0.1, median of {args.repeats}, "
+                        f"{os.cpu_count()} cores, load average {load_start:.1f} -> {load_end:.1f}")
     for column in ("tool", "images stored (median)", "seconds", "images/s"):
         table.add_column(column, justify="right")
     rates = {}
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"collector / img2dataset throughput: [bold]{ratio:.2f}x[/]")
     (args.out / "results.json").write_text(json.dumps(
         {"urls": n_urls, "catalog": str(args.catalog), "runs": runs, "images_per_s": rates,
-         "ratio": ratio, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+         "ratio": ratio, "cores": os.cpu_count(), "load_average": [load_start, load_end],
+         "concurrency": args.concurrency, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         indent=2))
 
 
