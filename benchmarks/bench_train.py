@@ -234,7 +234,7 @@ def compare_exporters(run_dir: Path, rounds: int = 7) -> dict:
     import numpy as np
     import onnx
 
-    from trainer.export import export_onnx, images_per_second, session
+    from trainer.onnx_graph import export_onnx, images_per_second, session
     from trainer.runs import load_trained
 
     console = Console()

@@ -247,7 +247,7 @@ def check_heads(multi: MultiHead, sess, images: np.ndarray, samples: list[Sample
     """Every attribute output of the ONNX session against torch on the validation photos:
     max |logit diff| and identical top-1 on the parity photos, equal accuracy over the photos
     whose value is known. Raises the export's ParityError on any difference."""
-    from trainer.export import ParityError
+    from trainer.onnx_graph import ParityError
 
     config = TrainConfig.model_validate_json(run.config.read_text())
     table = read_attributes(config.data)

@@ -243,13 +243,13 @@ def attribute_lines(attributes: dict | None) -> list[str]:
     if not attributes:
         return []
     heads = {k: v for k, v in attributes.items() if k != "evaluated_on"}
-    fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+    fmt = lambda x: "" if x is None else f"{x:.4f}"
     return ["## Attributes", "",
             (f"One linear head per attribute on the shared backbone, trained on the title-derived "
              f"values (unknown ones masked out of the loss); judged on "
              f"{attributes['evaluated_on']}, over the photos whose value is known."), "",
-            "| attribute | values | val photos known | unknown | accuracy | macro-F1 | "
-            "majority baseline |", "|---|---|---:|---:|---:|---:|---:|",
+            ("| attribute | values | val photos known | unknown | accuracy | macro-F1 | "
+             "majority baseline |"), "|---|---|---:|---:|---:|---:|---:|",
             *[f"| {name} | {', '.join(h['values'])} | {h['images']} | {h['unknown']} | "
               f"{fmt(h['accuracy'])} | {fmt(h['macro_f1'])} | {fmt(h['majority_baseline'])} |"
               for name, h in heads.items()], "",

@@ -3,9 +3,7 @@
 Verification, in order: the ONNX model's logits match torch's on real validation photos
 (max abs difference, identical top-1), and its validation accuracy equals torch's. With
 --int8 a static QDQ per-channel copy is calibrated on training photos and reported with its
-speed and accuracy change. Exporter: torch.onnx's dynamo exporter by default; measured here
-its Lite0 graph ran 1.5-1.9x faster in ONNX Runtime than the TorchScript exporter's (which
-keeps timm's dynamic 'same' padding as ~500 shape ops); TorchScript is the fallback.
+speed and accuracy change. The graph work itself is `trainer/onnx_graph.py`.
 """
 
 from __future__ import annotations
@@ -13,20 +11,22 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
 from rich.console import Console
 
-from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
-from service.runtime import create_session
-from trainer.config import TrainerError
 from trainer.data import EvalImages, Sample, Skipped
+from trainer.onnx_graph import (
+    ParityError,
+    export_onnx,
+    images_per_second,
+    onnx_logits,
+    quantize_int8,
+    session,
+    torch_logits,
+)
 from trainer.runs import RunDir, atomic_write_json, load_trained
 
 log = logging.getLogger("trainer")
@@ -36,118 +36,12 @@ INT8_FILE = "model.int8.onnx"
 FLIP_FILE = "model.flip.onnx"  # --flip-tta: measured beside model.onnx, not served by default
 
 
-class ParityError(TrainerError, RuntimeError):
-    """The exported model does not compute what the trained model computes."""
-
-
 @dataclass
 class ExportResult:
     onnx_path: Path
     int8_path: Path | None
     tag: str | None
     report: dict
-
-
-def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
-                exporter: str = "dynamo") -> str:
-    """Write model to path with a dynamic batch axis and the contract in metadata_props.
-    Returns the exporter actually used."""
-    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-    # A MultiHead (trainer.heads) has one output per head: logits, attr_NAME, ...
-    outputs = getattr(model, "output_names", [ONNX_OUTPUT])
-    example = torch.zeros(2, 3, contract.input_size, contract.input_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    used = exporter
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            try:
-                torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
-                                  output_names=outputs, dynamo=True, optimize=True,
-                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                                  verbose=False)
-            except Exception as exc:  # noqa: BLE001 - any op the dynamo exporter cannot trace yet
-                log.warning("dynamo exporter failed (%s); falling back to TorchScript", exc)
-                used = "torchscript"
-        if used == "torchscript":
-            torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
-                              output_names=outputs, dynamo=False, opset_version=17,
-                              dynamic_axes={ONNX_INPUT: {0: "batch"},
-                                            **{name: {0: "batch"} for name in outputs}})
-    proto = onnx.load(str(path))  # one file: weights inlined, metadata added
-    proto.ir_version = min(proto.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
-    del proto.metadata_props[:]
-    for key, value in contract.to_metadata().items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto)
-    for leftover in path.parent.glob(path.name + ".data"):
-        leftover.unlink()
-    onnx.save(proto, str(path))
-    return used
-
-
-def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session through the project's one factory, as the service opens the file."""
-    return create_session(path, threads=threads, device="cpu")
-
-
-def onnx_logits(sess: ort.InferenceSession, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    out = [sess.run([ONNX_OUTPUT], {ONNX_INPUT: images[i:i + batch_size]})[0]
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out)
-
-
-@torch.no_grad()
-def torch_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    model.eval()
-    return torch.cat([model(torch.from_numpy(images[i:i + batch_size]))
-                      for i in range(0, len(images), batch_size)]).numpy()
-
-
-def images_per_second(sess: ort.InferenceSession, images: np.ndarray, batch_size: int,
-                      repeats: int = 5) -> float:
-    """Median throughput over repeats (timings on a shared machine are noisy)."""
-    batch = images[:batch_size]
-    sess.run(None, {ONNX_INPUT: batch})  # warm-up
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, {ONNX_INPUT: batch})
-        rates.append(len(batch) / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
-class _Calibration:
-    """onnxruntime.quantization.CalibrationDataReader over preprocessed training photos."""
-
-    def __init__(self, images: np.ndarray, batch_size: int = 16):
-        self.batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
-
-    def get_next(self):
-        batch = next(self.batches, None)
-        return None if batch is None else {ONNX_INPUT: batch}
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
-    """Static QDQ, per-channel int8 weights, uint8 activations calibrated on real photos.
-    (Dynamic quantization was measured 4-14x slower than fp32 for this CNN.)"""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = int8_path.with_name("model.prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(int8_path), _Calibration(calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    prepared.unlink(missing_ok=True)
-    proto = onnx.load(str(int8_path))  # quantize_static keeps metadata_props; make sure
-    if not any(p.key == "version" for p in proto.metadata_props):
-        for key, value in ModelContract.from_metadata(
-                {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
-        ).to_metadata().items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(int8_path))
 
 
 def run_samples(run: RunDir, split: str) -> list[Sample]:

@@ -29,7 +29,7 @@ def measure_flip_tta(model: nn.Module, contract: ModelContract, path: Path, imag
                      labels: np.ndarray, plain_session, exporter: str, batch: int) -> dict:
     """Export the flip-averaged graph to path, check it against torch, and measure accuracy
     and speed beside the plain graph (interleaved: the machine's load changes)."""
-    from trainer.export import (
+    from trainer.onnx_graph import (
         export_onnx,
         images_per_second,
         onnx_logits,

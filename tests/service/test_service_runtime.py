@@ -70,7 +70,9 @@ def exported(tiny_run, tmp_path_factory):
     assert read_gate(result.onnx_path) == gate
     # The run validates on 10 photos, so one photo is 10 points: re-gate with a budget this
     # size of validation set can meet, to serve every variant below whatever it scored.
-    from trainer.export import EvalImages, Skipped, run_samples, torch_logits
+    from trainer.data import EvalImages, Skipped
+    from trainer.export import run_samples
+    from trainer.onnx_graph import torch_logits
     from trainer.runs import RunDir, load_trained
 
     model, contract, _ = load_trained(run)

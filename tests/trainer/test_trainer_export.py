@@ -13,7 +13,8 @@ import pytest
 from service.contract import ONNX_INPUT, ONNX_OUTPUT
 from service.model_store import read_contract, resolve_model
 from trainer.data import EvalImages, Skipped
-from trainer.export import export, onnx_logits, run_samples, session, torch_logits
+from trainer.export import export, run_samples
+from trainer.onnx_graph import onnx_logits, session, torch_logits
 from trainer.runs import RunDir, load_trained
 
 
