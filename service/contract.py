@@ -240,3 +240,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def calibrated_scores(logits: np.ndarray, contract: ModelContract) -> np.ndarray:
+    """The main label's scores as served: softmax(logits / T), T fitted on validation by the
+    trainer, so a score of 0.8 is right about 80 % of the time (T = 1 for older models)."""
+    return softmax(logits / contract.temperature)

@@ -29,6 +29,7 @@ from service.batching import install_batch_window
 from service.contract import (
     ContractError,
     ImageDecodeError,
+    calibrated_scores,
     crop_opened,
     normalize,
     open_for,
@@ -238,8 +239,9 @@ class ProductClassifier:
                                   "retry shortly")
         logits = np.asarray(logits)
         if not HEAD_COLUMNS:
-            return [self._prediction(row, min_score) for row in softmax(logits)]
-        main = softmax(logits[:, :len(self.contract.labels)])
+            return [self._prediction(row, min_score)
+                    for row in calibrated_scores(logits, self.contract)]
+        main = calibrated_scores(logits[:, :len(self.contract.labels)], self.contract)
         heads = {name: softmax(logits[:, columns]) for name, columns in HEAD_COLUMNS.items()}
         predictions = []
         for i, row in enumerate(main):
