@@ -1,4 +1,4 @@
-"""The single-service alternative, kept for the topology benchmark (service/bench_topology.py).
+"""The single-service alternative, kept for the topology benchmark (benchmarks/bench_service.py).
 
 Decode, preprocess and ONNX Runtime all run inside one batchable BentoML API: BentoML can only
 batch calls that arrive through an API, so in one service the decoding has to happen inside

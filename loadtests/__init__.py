@@ -1,1 +1,2 @@
-"""Load tests (Locust scenarios) and the serving benchmark for the product classifier service."""
+"""Load tests: Locust scenarios for the service, the checks on its answers, and the one
+launcher for servers on 127.0.0.1 (used by the demo, the benchmarks and the tests)."""

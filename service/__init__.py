@@ -1,1 +1,1 @@
-"""Serving: ONNX Runtime behind a BentoML `/classify` API. Never imports torch."""
+"""Serving: ONNX Runtime or OpenVINO behind a BentoML `/classify` API. Never imports torch."""
