@@ -52,7 +52,7 @@ bench-collect: $(STAMP) .venv-bench/bin/img2dataset  ## collector vs img2dataset
 	$(PY) -m benchmarks.bench_collect $(BENCH_COLLECT_ARGS)
 
 # --- trainer (trainer/) ---------------------------------------------------------------------
-bench-train: $(STAMP)  ## trainer: default recipe vs plain linear probe, clothing-small, 224 px, CPU
+bench-train: $(STAMP)  ## default recipe vs linear probe: clothing-small, small subsets over seeds, demo catalogue
 	$(PY) -m benchmarks.bench_train $(BENCH_TRAIN_ARGS)
 
 lint: $(STAMP)
