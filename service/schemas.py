@@ -22,6 +22,16 @@ class ModelRef(BaseModel):
     version: str
 
 
+def _ranked(scores: np.ndarray, names: Sequence[str], top_k: int,
+            min_score: float | None) -> dict:
+    """The one top-k: best `top_k` names by score, best first; label None below min_score."""
+    order = np.argsort(scores)[::-1][:top_k]
+    ranked = [LabelScore(label=names[i], score=float(scores[i])) for i in order]
+    best = ranked[0]
+    label = best.label if min_score is None or best.score >= min_score else None
+    return {"label": label, "score": best.score, "top_k": ranked}
+
+
 class AttributePrediction(BaseModel):
     label: str | None = Field(description="the most likely value; null when its score is below "
                                           "the request's min_score for this attribute")
@@ -31,11 +41,7 @@ class AttributePrediction(BaseModel):
     @classmethod
     def from_scores(cls, scores: np.ndarray, values: Sequence[str], *, top_k: int,
                     min_score: float | None = None) -> AttributePrediction:
-        order = np.argsort(scores)[::-1][:top_k]
-        ranked = [LabelScore(label=values[i], score=float(scores[i])) for i in order]
-        best = ranked[0]
-        label = best.label if min_score is None or best.score >= min_score else None
-        return cls(label=label, score=best.score, top_k=ranked)
+        return cls(**_ranked(scores, values, top_k, min_score))
 
 
 # Absent, not null, for a single-head model: its answers stay exactly what they were.
@@ -57,11 +63,7 @@ class Prediction(BaseModel):
     def from_scores(cls, scores: np.ndarray, labels: Sequence[str], *, top_k: int,
                     model: ModelRef, min_score: float | None = None) -> Prediction:
         """One image's softmax scores -> the answer: best `top_k` labels, best first."""
-        order = np.argsort(scores)[::-1][:top_k]
-        ranked = [LabelScore(label=labels[i], score=float(scores[i])) for i in order]
-        best = ranked[0]
-        label = best.label if min_score is None or best.score >= min_score else None
-        return cls(label=label, score=best.score, top_k=ranked, model=model)
+        return cls(**_ranked(scores, labels, top_k, min_score), model=model)
 
 
 class BatchPrediction(BaseModel):

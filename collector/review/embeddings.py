@@ -158,12 +158,9 @@ def _export_imagenet_features(net, target: Path) -> None:
 
 
 def _ort_session(model_bytes: bytes, threads: int | None):
-    import onnxruntime as ort
+    from service.runtime import create_session  # the project's one ONNX Runtime factory
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return create_session(model_bytes, threads=threads)
 
 
 def _onnx_backbone(ref: str, threads: int | None) -> Backbone:
