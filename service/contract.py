@@ -82,6 +82,14 @@ class ModelContract(BaseModel):
         """The ONNX outputs the model has: `logits`, then one per attribute."""
         return [ONNX_OUTPUT, *(ATTRIBUTE_OUTPUT.format(name) for name in self.attributes or {})]
 
+    def attribute_columns(self) -> dict[str, slice]:
+        """Where each attribute's scores lie when the outputs are put side by side."""
+        columns, start = {}, len(self.labels)
+        for name, values in (self.attributes or {}).items():
+            columns[name] = slice(start, start + len(values))
+            start += len(values)
+        return columns
+
     @model_validator(mode="after")
     def _positive_std(self) -> ModelContract:
         if any(s <= 0 for s in self.std):

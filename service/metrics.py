@@ -21,3 +21,6 @@ decode_pixels_peak = bentoml.metrics.Gauge(
     name="classifier_decode_pixels_peak", documentation="most pixels one API worker has been "
     "decoding at once since it started (bounded by CLASSIFIER_DECODE_BUDGET_PIXELS)",
     multiprocess_mode="livemax")
+runtime_info = bentoml.metrics.Gauge(
+    name="classifier_runtime_info", documentation="1 for the runtime, precision and device that "
+    "serve the model", labelnames=["runtime", "precision", "device"], multiprocess_mode="livemax")

@@ -75,11 +75,16 @@ class ModelCard(BaseModel):
     version: str
     tag: str = Field(description="BentoML model tag, or the .onnx path it was loaded from")
     file: str = Field(description="the ONNX file served (model.onnx or model.int8.onnx)")
-    precision: str = Field(description="fp32 or int8")
+    runtime: str = Field(description="onnxruntime or openvino")
+    precision: str = Field(description="fp32, bf16 or int8")
+    device: str = Field(description="cpu or cuda")
     architecture: str
     labels: list[str]
     input_size: int
     metrics: dict = Field(description="evaluation metrics stored with the model, if any")
+    accuracy_gate: dict | None = Field(description=(
+        "this variant's validation accuracy and top-1 agreement with torch as `trainer export` "
+        "measured them; null: not checked"))
     attributes: dict[str, list[str]] | None = Field(None, description=(
         "attribute -> its values, answered per image beside the label; absent: a single-head "
         "model"), **_ABSENT_IF_NONE)

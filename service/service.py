@@ -69,17 +69,6 @@ except (ContractError, RuntimeError) as error:
 VARIANT = variant_name(RUNTIME, PRECISION)
 GATE = (MODEL.gate or {}).get("variants", {}).get(VARIANT)
 
-runtime_info = bentoml.metrics.Gauge(
-    name="classifier_runtime_info", documentation="1 for the runtime, precision and device that "
-    "serve the model", labelnames=["runtime", "precision", "device"], multiprocess_mode="livemax")
-
-
-class ServedModelCard(ModelCard):
-    runtime: str = Field(description="onnxruntime or openvino")
-    device: str = Field(description="cpu or cuda")
-    accuracy_gate: dict | None = Field(description=(
-        "this variant's validation accuracy and top-1 agreement with torch as `trainer export` "
-        "measured them; null: not checked"))
 
 def error_response(status: int, reason: str, message: str) -> JSONResponse:
     metrics.rejections.labels(reason=reason).inc()
@@ -95,11 +84,7 @@ ATTRIBUTE_MIN_SCORE = Field(None, max_length=64, description=(
 # The model's outputs in order (logits, then attr_NAME per attribute) and where each head's
 # columns lie in what OnnxModel.logits returns.
 OUTPUTS = MODEL.contract.outputs()
-HEAD_COLUMNS: dict[str, slice] = {}
-_start = len(MODEL.contract.labels)
-for _name, _values in (MODEL.contract.attributes or {}).items():
-    HEAD_COLUMNS[_name] = slice(_start, _start + len(_values))
-    _start += len(_values)
+HEAD_COLUMNS = MODEL.contract.attribute_columns()
 
 try:  # a missing key file stops start-up with its cure, not a traceback
     API_KEYS = ApiKeys(settings.api_key_list(), settings.open_path_set())
@@ -142,7 +127,8 @@ class OnnxModel:
                                     spin_wait=settings.ort_spin_wait)
         size = MODEL.contract.input_size
         self.runtime.run(np.zeros((1, 3, size, size), np.float32))  # first run is slow
-        runtime_info.labels(runtime=RUNTIME, precision=PRECISION, device=self.runtime.device).set(1)
+        metrics.runtime_info.labels(runtime=RUNTIME, precision=PRECISION,
+                                    device=self.runtime.device).set(1)
 
     @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
                  max_latency_ms=settings.max_latency_ms)
@@ -186,11 +172,11 @@ class ProductClassifier:
         result = await self._classify(images, min_score, attribute_min_score)
         return result if isinstance(result, JSONResponse) else BatchPrediction(predictions=result)
 
-    @model_app.get("/model", response_model=ServedModelCard)
-    def model_card(self) -> ServedModelCard:
+    @model_app.get("/model", response_model=ModelCard)
+    def model_card(self) -> ModelCard:
         """Labels, version, evaluation metrics and runtime of the served model."""
         contract = self.contract
-        return ServedModelCard(name=contract.name, version=contract.version, tag=MODEL.tag,
+        return ModelCard(name=contract.name, version=contract.version, tag=MODEL.tag,
                                file=MODEL.onnx_path.name, precision=PRECISION,
                                architecture=contract.architecture or "unknown",
                                labels=contract.labels, input_size=contract.input_size,
