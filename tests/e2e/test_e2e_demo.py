@@ -44,7 +44,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     on_disk = {split: sorted(p for p in (dataset / split).rglob("*") if p.is_file())
                for split in ("train", "val", "test")}
     assert {split: len(files) for split, files in on_disk.items()} == stats["per_split"]
-    assert sum(stats["per_split"].values()) == stats["images"] == sum(stats["per_label"].values())
+    per_label = {label: sum(splits.values()) for label, splits in stats["per_label"].items()}
+    assert sum(stats["per_split"].values()) == stats["images"] == sum(per_label.values())
     assert len(stats["labels"]) == LABELS
     # The shop served PER_LABEL photos a label with faults on: most survive, none is invented.
     assert 0.6 * LABELS * PER_LABEL <= stats["images"] <= LABELS * PER_LABEL
