@@ -3,11 +3,11 @@ head phase alone on frozen Lite0 features), on the same splits, across dataset s
 
 Suites (each photo folder is built from symlinks under OUT/data, so every run is reproducible):
 - full:    clothing-small as shipped (train/ 3,068, validation/ 341): validation accuracy, wall
-           time, ECE after temperature scaling; target >= 0.94 in <= 15 min on 2 cores.
+           time, ECE after temperature scaling; goal >= 0.94 in <= 15 min on 2 cores.
 - subsets: 3 labels x 80 train photos and 10 labels x 30, several seeds (labels and photos
            drawn per seed), a validation split of 10 photos per label (small: the default
            cross-validates), scored on the rest of clothing-small's validation photos of those
-           labels; mean and spread over seeds; target: recipe - probe >= 2 points on average.
+           labels; mean and spread over seeds; goal: recipe - probe >= 2 points on average.
 - demo:    demo_data/catalog (10 labels x 30), 20 train / 4 val / 6 test photos per label.
 Printed side by side: accuracy, macro-F1, wall time, for the recipe and the probe.
 """
@@ -203,16 +203,16 @@ def print_tables(console: Console, rows: list[dict]) -> None:
         if name in SUBSETS:
             met = c["mean_gain_acc"] >= 0.02
             console.print(f"{name}: recipe - probe {c['mean_gain_acc']:+.4f} on average over "
-                          f"{len(c['seeds'])} seeds; target >= +0.02: "
-                          f"{'MET' if met else 'NOT MET'}")
+                          f"{len(c['seeds'])} seeds; goal >= +0.02: "
+                          f"{'met' if met else 'missed'}")
     for r in rows:
         if r["dataset"] == "clothing-small" and r["recipe"] == "recipe":
             met = r["acc"] >= 0.94 and r["wall_s"] <= 900
             console.print(f"clothing-small: {r['acc']:.4f} in {r['wall_s'] / 60:.1f} min; "
-                          f"target >= 0.94 within 15 min: {'MET' if met else 'NOT MET'}; "
+                          f"goal >= 0.94 within 15 min: {'met' if met else 'missed'}; "
                           f"ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f} (T = "
-                          f"{r['temperature']:.3f}; target <= 0.03: "
-                          f"{'MET' if r['ece_after'] <= 0.03 else 'NOT MET'})")
+                          f"{r['temperature']:.3f}; goal <= 0.03: "
+                          f"{'met' if r['ece_after'] <= 0.03 else 'missed'})")
 
 
 def write_report(bench: BenchTrain, rows: list[dict]) -> dict:
