@@ -327,12 +327,7 @@ class ReviewStore:
                 if after is None:
                     continue  # e.g. accept_suggestion on an image without a prediction
                 _write(db, image_id, *after, at=now)
-                db.execute(
-                    "INSERT INTO review_actions (batch, image_id, action, before_status, "
-                    "before_label, before_reason, before_at, after_status, after_label, "
-                    "after_reason, at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (batch, image_id, action, row["review_status"], row["review_label"],
-                     row["review_reason"], row["reviewed_at"], *after, now))
+                _log_action(db, batch, image_id, action, row, after, now)
                 changes.append(image_id)
         return {"batch": batch if changes else None, "changed": [self.get(i) for i in changes]}
 
@@ -357,15 +352,10 @@ class ReviewStore:
                 encoded = json.dumps(after, sort_keys=True) if after else None
                 db.execute("UPDATE images SET review_attributes = ?, reviewed_at = ? "
                            "WHERE id = ?", (encoded, now, image_id))
-                db.execute(
-                    "INSERT INTO review_actions (batch, image_id, action, before_status, "
-                    "before_label, before_reason, before_at, after_status, after_label, "
-                    "after_reason, at, before_attributes, after_attributes) "
-                    "VALUES (?,?,'set_attribute',?,?,?,?,?,?,?,?,?,?)",
-                    (batch, image_id, row["review_status"], row["review_label"],
-                     row["review_reason"], row["reviewed_at"], row["review_status"],
-                     row["review_label"], f"{attribute}: {value or 'from title rules'}", now,
-                     row["review_attributes"], encoded))
+                unchanged = (row["review_status"], row["review_label"],
+                             f"{attribute}: {value or 'from title rules'}")
+                _log_action(db, batch, image_id, "set_attribute", row, unchanged, now,
+                            attributes=(row["review_attributes"], encoded))
                 changes.append(image_id)
         return {"batch": batch if changes else None, "changed": [self.get(i) for i in changes]}
 
@@ -391,12 +381,7 @@ class ReviewStore:
                 else:
                     after = ("rejected", row["review_label"], f"duplicate of #{keep_id}")
                 _write(db, row["id"], *after, at=now)
-                db.execute(
-                    "INSERT INTO review_actions (batch, image_id, action, before_status, "
-                    "before_label, before_reason, before_at, after_status, after_label, "
-                    "after_reason, at) VALUES (?,?,'keep_one',?,?,?,?,?,?,?,?)",
-                    (batch, row["id"], row["review_status"], row["review_label"],
-                     row["review_reason"], row["reviewed_at"], *after, now))
+                _log_action(db, batch, row["id"], "keep_one", row, after, now)
         return {"batch": batch, "changed": [self.get(row["id"]) for row in members]}
 
     def undo(self) -> dict:
@@ -592,3 +577,15 @@ def _write(db: sqlite3.Connection, image_id: int, status: str | None, label: str
                "reviewed_at = ? WHERE id = ?",
                (status, label, reason, None if status is None and label is None else at,
                 image_id))
+
+
+def _log_action(db, batch: int, image_id: int, action: str, row, after: tuple, at: float,
+                attributes: tuple[str | None, str | None] = (None, None)) -> None:
+    """One undo-log row: the image's review columns before (from `row`) and `after`
+    (status, label, reason), and its reviewed attributes before and after."""
+    db.execute(
+        "INSERT INTO review_actions (batch, image_id, action, before_status, before_label, "
+        "before_reason, before_at, after_status, after_label, after_reason, at, "
+        "before_attributes, after_attributes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (batch, image_id, action, row["review_status"], row["review_label"],
+         row["review_reason"], row["reviewed_at"], *after, at, *attributes))
