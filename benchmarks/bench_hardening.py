@@ -5,7 +5,7 @@ Each scenario serves the model with its settings, sends `concurrency` simultaneo
 49 MP decoded), `rounds` times, and reports the answers by status and reason, the peak RSS of
 the whole service (API + model processes) over its idle RSS, and the wall time.
 
-  issue      3 requests x 32 PNGs of 7000 x 7000 at the default limits (the report that
+  bomb-batch 3 requests x 32 PNGs of 7000 x 7000 at the default limits (the case that
              started the decode budget: 0.48 -> 3.35 GB, 17 s before it)
   flood      8 x 2 near-limit PNGs (20 MP) against a 24 MP budget
   no-budget  the same flood with a budget far above it (what the budget saves)
@@ -35,7 +35,7 @@ NEAR_LIMIT = {"CLASSIFIER_MAX_PIXELS": "20000000", "CLASSIFIER_MAX_REQUEST_PIXEL
               "CLASSIFIER_MAX_IMAGE_BYTES": str(2 * 2**20), "CLASSIFIER_DECODE_WAIT_S": "0.5"}
 SCENARIOS = {
     # name: (settings, PNG side, images per request, concurrency)
-    "issue": ({}, 7000, 32, 3),
+    "bomb-batch": ({}, 7000, 32, 3),
     "flood": ({**NEAR_LIMIT, "CLASSIFIER_DECODE_BUDGET_PIXELS": "24000000"}, 4472, 2, 8),
     "no-budget": ({**NEAR_LIMIT, "CLASSIFIER_DECODE_BUDGET_PIXELS": "2000000000"}, 4472, 2, 8),
 }
