@@ -31,7 +31,7 @@ from rich.table import Table
 
 from benchmarks.bench_serve import single_photo_scenario
 from loadtests.locust_run import run_locust
-from loadtests.servers import REPO, free_port, process_role, start_bentoml
+from loadtests.servers import REPO, process_role, start_bentoml
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -93,7 +93,7 @@ def measure(variant: Variant, cwd: Path, config: AbServeConfig) -> dict[str, flo
     settings = {"CLASSIFIER_ORT_THREADS": "1" if pinned else "2", **variant.settings}
     scenario = single_photo_scenario()  # as bench-serve: one photo per request, 3 sizes
     loadgen = "0" if pinned else None
-    with start_bentoml(str(config.model), free_port(), cpus="1" if pinned else None,
+    with start_bentoml(str(config.model), cpus="1" if pinned else None,
                        settings=settings, log_dir=config.out, name=variant.name,
                        cwd=cwd) as server:
         if config.warmup_s:

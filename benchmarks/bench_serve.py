@@ -336,15 +336,14 @@ def run_bench(config: BenchServeConfig, cpu_split: str = "pinned") -> BenchResul
         if variant == "baseline" and run_dir is None:
             result.not_measured[variant] = "no --run folder with a checkpoint"
             continue
-        port = free_port()
         try:
             if variant == "baseline":
-                server = start_baseline(run_dir, port, cpus=server_cpus, threads=threads,
+                server = start_baseline(run_dir, free_port(), cpus=server_cpus, threads=threads,
                                         log_dir=config.out)
             else:
                 settings = dict(service_env, **variant_settings(variant))
                 model = fp32  # int8 variants serve model.int8.onnx from beside it
-                server = start_bentoml(str(model), port, cpus=server_cpus, settings=settings,
+                server = start_bentoml(str(model), cpus=server_cpus, settings=settings,
                                        log_dir=config.out, name=variant)
         except ServerNotReady as exc:
             result.not_measured[variant] = f"server did not start: {str(exc)[:300]}"

@@ -210,9 +210,8 @@ def run_soak(config: SoakConfig) -> SoakReport:
             raise SystemExit(f"nothing listens on {host}: start the service first "
                              "(make serve) or pass --model")
     elif config.model:
-        from loadtests.servers import free_port
 
-        server = start_bentoml(config.model, free_port(), log_dir=config.out, name="soak-service",
+        server = start_bentoml(config.model, log_dir=config.out, name="soak-service",
                                cpus=config.server_cpus if pinned else None)
         host = server.url
         processes = server.tree

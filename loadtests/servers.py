@@ -199,15 +199,25 @@ def start_bentoml(model_ref: str | None, port: int | None = None, *,
     None: the service's default, the store's latest model).
 
     A model file gets a BentoML home of its own (see `own_bentoml_home`). `cwd` is the
-    checkout whose `service/` is served (another commit's worktree in an A/B).
+    checkout whose `service/` is served (another commit's worktree in an A/B). Without a
+    `port`, a free one is picked, and picked again if BentoML's own sockets took it first.
     """
-    port = port or free_port()
     env = {"BENTOML_DO_NOT_TRACK": "True", **(settings or {})}
     if model_ref is not None:
         env = {"MODEL_TAG": model_ref, **own_bentoml_home(model_ref, log_dir / name), **env}
-    command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    return launch(name, command, port=port, log_dir=log_dir, env=env, cwd=cwd, cpus=cpus,
-                  timeout_s=timeout_s)
+    for attempt in range(1 if port else 3):
+        chosen = port or free_port()
+        command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1",
+                   "--port", str(chosen)]
+        try:
+            return launch(name, command, port=chosen, log_dir=log_dir, env=env, cwd=cwd,
+                          cpus=cpus, timeout_s=timeout_s)
+        except ServerNotReady as exc:
+            # A free port is only free until someone binds it: BentoML's process manager binds
+            # control sockets of its own on random ports, and can take ours before it serves.
+            if port or attempt == 2 or "Address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def start_review(data: Path, port: int | None = None, *, log_dir: Path,

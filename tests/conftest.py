@@ -44,9 +44,9 @@ def tiny_onnx_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_service(tiny_onnx_model, tmp_path_factory):
     """The real service (`bentoml serve service.service:ProductClassifier`) on the tiny model."""
-    from loadtests.servers import free_port, start_bentoml
+    from loadtests.servers import start_bentoml
 
-    server = start_bentoml(str(tiny_onnx_model), free_port(),
+    server = start_bentoml(str(tiny_onnx_model),
                            settings={"CLASSIFIER_ORT_THREADS": "1"},
                            log_dir=tmp_path_factory.mktemp("lt-serve"))
     with server:
