@@ -205,7 +205,8 @@ def start_bentoml(model_ref: str | None, port: int | None = None, *,
     env = {"BENTOML_DO_NOT_TRACK": "True", **(settings or {})}
     if model_ref is not None:
         env = {"MODEL_TAG": model_ref, **own_bentoml_home(model_ref, log_dir / name), **env}
-    for attempt in range(1 if port else 3):
+    attempts = 1 if port else 3
+    for attempt in range(1, attempts + 1):
         chosen = port or free_port()
         command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1",
                    "--port", str(chosen)]
@@ -215,9 +216,9 @@ def start_bentoml(model_ref: str | None, port: int | None = None, *,
         except ServerNotReady as exc:
             # A free port is only free until someone binds it: BentoML's process manager binds
             # control sockets of its own on random ports, and can take ours before it serves.
-            if port or attempt == 2 or "Address already in use" not in str(exc):
+            if attempt == attempts or "Address already in use" not in str(exc):
                 raise
-    raise AssertionError("unreachable")
+    raise ServerNotReady(f"{name}: no port")  # not reached: the last attempt raises
 
 
 def start_review(data: Path, port: int | None = None, *, log_dir: Path,
