@@ -12,7 +12,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export PYTHONUNBUFFERED := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: help setup test demo bench-collect bench-train bench-serve loadtest soak lint clean bench-service container-check
+.PHONY: help setup test demo bench-collect soak-collect bench-train bench-attributes bench-serve loadtest soak lint clean bench-service container-check
 
 help:  ## list the make commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18
@@ -51,9 +51,16 @@ bench-review: $(STAMP)  ## review page: 20,000-image paging, thumbnails; finding
 bench-collect: $(STAMP) .venv-bench/bin/img2dataset  ## collector vs img2dataset, same URLs on 127.0.0.1, images/s
 	$(PY) -m benchmarks.bench_collect $(BENCH_COLLECT_ARGS)
 
+COLLECT_SOAK_TIME ?= 600
+soak-collect: $(STAMP)  ## crawl the demo shop with every fault on for COLLECT_SOAK_TIME s: memory, every image accounted for
+	$(PY) -m benchmarks.soak_collect --duration-s $(COLLECT_SOAK_TIME) $(SOAK_COLLECT_ARGS)
+
 # --- trainer (trainer/) ---------------------------------------------------------------------
 bench-train: $(STAMP)  ## default recipe vs linear probe: clothing-small, small subsets over seeds, demo catalogue
 	$(PY) -m benchmarks.bench_train $(BENCH_TRAIN_ARGS)
+
+bench-attributes: $(STAMP)  ## attribute heads: shared model vs one model per attribute; serving cost of the heads
+	$(PY) -m benchmarks.bench_attributes $(BENCH_ATTRIBUTES_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check collector trainer service loadtests benchmarks tests demo.py
