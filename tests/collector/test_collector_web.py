@@ -1,13 +1,16 @@
 """The real web's manners against small servers on 127.0.0.0/8: robots.txt patterns, redirects
-followed hop by hop, refused addresses, trickling servers, Retry-After as an HTTP date."""
+followed hop by hop, refused addresses, trickling servers, Retry-After as an HTTP date,
+compressed bodies (and bombs), non-ASCII URLs."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
 import ipaddress
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
@@ -16,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from collector.config import Download, Politeness
-from collector.fetch import Fetcher, FetchError, parse_retry_after
+from collector.fetch import Fetcher, FetchError, parse_retry_after, wire_url
 from collector.network import AddressPolicy, AddressRefused, kind_of, refusal
 
 Route = Callable[[BaseHTTPRequestHandler], None]
@@ -272,3 +275,33 @@ def test_collector_block_pages_behind_a_503_or_a_redirect_are_not_retried_at_onc
         hop = run(lambda f: f.get(shop.url + "/k", block_check=check), shop.url)
         assert (hop.reason, hop.blocked) == ("captcha", True)
         assert not any(k.startswith("/errors/") for k in shop.hits)   # not followed
+
+
+# -- what bodies and URLs look like on the wire -------------------------------------------------
+def gzipped(body: bytes, encoding: str = "gzip") -> Route:
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    return lambda h: answer(h, 200, packed, {"Content-Encoding": encoding})
+
+
+def test_collector_decodes_gzip_and_deflate_bodies():
+    page = b"<html>" + b"<li>saree</li>" * 500 + b"</html>"
+    with Stub({"/robots.txt": text("", 404), "/g": gzipped(page),
+               "/d": gzipped(page, "deflate")}) as shop:
+        for path in ("/g", "/d"):
+            fetched = run(lambda f, p=path: f.get(shop.url + p), shop.url)
+            assert fetched.content == page
+
+
+def test_collector_caps_a_gzip_bomb_after_decompression():
+    # 20 MB of zeros is 20 kB gzipped: the Content-Length check alone would let it in.
+    with Stub({"/robots.txt": text("", 404), "/bomb.jpg": gzipped(bytes(20_000_000))}) as shop:
+        error = run(lambda f: f.get(shop.url + "/bomb.jpg"), shop.url, max_bytes=1_000_000)
+    assert isinstance(error, FetchError) and error.reason == "too_large"
+
+
+def test_collector_sends_non_ascii_urls_percent_encoded():
+    with Stub({"/robots.txt": text("", 404),
+               "/img/r%C3%B6d%20saree.jpg": text("found")}) as shop:
+        fetched = run(lambda f: f.get(shop.url + "/img/röd saree.jpg"), shop.url)
+    assert fetched.content == b"found"
+    assert wire_url("http://shop.example/a%20b?q=x y") == "http://shop.example/a%20b?q=x%20y"
