@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -55,8 +56,12 @@ class ModelContract(BaseModel):
         "calibrated scores are softmax(logits / temperature); fitted on validation by the "
         "trainer, 1.0 = uncalibrated"))
     attributes: dict[str, list[str]] | None = Field(None, description=(
-        "attribute -> its values, one ONNX output `attr_NAME` each (scores: plain softmax); "
-        "absent: a single-head model"))
+        "attribute -> its values, one ONNX output `attr_NAME` each; absent: a single-head "
+        "model"))
+    attribute_temperatures: dict[str, float] | None = Field(None, description=(
+        "attribute -> the temperature of its head, fitted on the validation photos whose "
+        "value is known: its scores are softmax(attr_NAME / T); an attribute not named (or a "
+        "model from before calibrated heads) has T = 1"))
 
     @field_validator("labels")
     @classmethod
@@ -78,6 +83,27 @@ class ModelContract(BaseModel):
                                  f"{values}")
         return attributes or None
 
+    @field_validator("attribute_temperatures")
+    @classmethod
+    def _no_empty_temperatures(cls, temperatures: dict[str, float] | None):
+        return temperatures or None
+
+    @model_validator(mode="after")
+    def _temperatures_of_known_heads(self) -> ModelContract:
+        temperatures = self.attribute_temperatures or {}
+        unknown = sorted(set(temperatures) - set(self.attributes or {}))
+        if unknown:
+            raise ValueError(f"attribute_temperatures names {unknown}, which are not among the "
+                             f"attributes {sorted(self.attributes or {})}")
+        bad = {name: t for name, t in temperatures.items() if not (math.isfinite(t) and t > 0)}
+        if bad:
+            raise ValueError(f"attribute temperatures must be positive and finite, got {bad}")
+        return self
+
+    def attribute_temperature(self, name: str) -> float:
+        """The temperature of an attribute head's scores (1.0 when none was fitted)."""
+        return (self.attribute_temperatures or {}).get(name, 1.0)
+
     def outputs(self) -> list[str]:
         """The ONNX outputs the model has: `logits`, then one per attribute."""
         return [ONNX_OUTPUT, *(ATTRIBUTE_OUTPUT.format(name) for name in self.attributes or {})]
@@ -98,10 +124,12 @@ class ModelContract(BaseModel):
 
     def to_metadata(self) -> dict[str, str]:
         """Key/value strings for ONNX `metadata_props` (and readable keys for humans)."""
-        # A single-head model writes exactly what it wrote before attributes existed.
+        # A single-head model writes exactly what it wrote before attributes existed, and a
+        # model without fitted attribute temperatures what it wrote before those.
+        absent = {name for name in ("attributes", "attribute_temperatures")
+                  if not getattr(self, name)}
         return {
-            CONTRACT_KEY: self.model_dump_json(exclude={"attributes"} if not self.attributes
-                                               else None),
+            CONTRACT_KEY: self.model_dump_json(exclude=absent or None),
             "labels": json.dumps(self.labels),
             "version": self.version,
         }
@@ -254,3 +282,11 @@ def calibrated_scores(logits: np.ndarray, contract: ModelContract) -> np.ndarray
     """The main label's scores as served: softmax(logits / T), T fitted on validation by the
     trainer, so a score of 0.8 is right about 80 % of the time (T = 1 for older models)."""
     return softmax(logits / contract.temperature)
+
+
+def calibrated_attribute_scores(logits: np.ndarray, contract: ModelContract,
+                                name: str) -> np.ndarray:
+    """An attribute head's scores as served: softmax(attr_NAME / T) with the head's own
+    temperature, fitted by the trainer on the validation photos whose value is known (T = 1
+    for a head without one)."""
+    return softmax(logits / contract.attribute_temperature(name))

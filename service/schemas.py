@@ -35,7 +35,9 @@ def _ranked(scores: np.ndarray, names: Sequence[str], top_k: int,
 class AttributePrediction(BaseModel):
     label: str | None = Field(description="the most likely value; null when its score is below "
                                           "the request's min_score for this attribute")
-    score: float = Field(ge=0, le=1, description="probability of the most likely value")
+    score: float = Field(ge=0, le=1, description=(
+        "calibrated probability of the most likely value: softmax(logits / T) with the head's "
+        "own temperature from the model contract"))
     top_k: list[LabelScore] = Field(description="the most likely values, best first")
 
     @classmethod

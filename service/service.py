@@ -29,11 +29,11 @@ from service.batching import install_batch_window
 from service.contract import (
     ContractError,
     ImageDecodeError,
+    calibrated_attribute_scores,
     calibrated_scores,
     crop_opened,
     normalize,
     open_for,
-    softmax,
 )
 from service.guard import ApiKeys, DecodeBusy, ImageRoute, PixelBudget, RequestGuard
 from service.model_store import resolve_model, select_variant
@@ -228,7 +228,11 @@ class ProductClassifier:
             return [self._prediction(row, min_score)
                     for row in calibrated_scores(logits, self.contract)]
         main = calibrated_scores(logits[:, :len(self.contract.labels)], self.contract)
-        heads = {name: softmax(logits[:, columns]) for name, columns in HEAD_COLUMNS.items()}
+        # Each head's calibrated scores (its own temperature from the contract; T = 1 for a
+        # model exported before heads were calibrated), so min_score per attribute is a
+        # calibrated probability too.
+        heads = {name: calibrated_attribute_scores(logits[:, columns], self.contract, name)
+                 for name, columns in HEAD_COLUMNS.items()}
         predictions = []
         for i, row in enumerate(main):
             prediction = self._prediction(row, min_score)

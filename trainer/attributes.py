@@ -30,6 +30,7 @@ from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score
 
 from service.contract import ONNX_INPUT, ModelContract
+from trainer.calibration import calibration_report
 from trainer.config import TrainConfig
 from trainer.data import EvalImages, Sample, Skipped
 from trainer.heads import (
@@ -46,6 +47,7 @@ from trainer.runs import RunDir, atomic_torch_save, atomic_write_json, load_chec
 MANIFEST_CSV = "manifest.csv"
 UNKNOWN = "unknown"
 MIN_PER_VALUE = 2        # a value with fewer known training photos is not learnt (-> unknown)
+MIN_CALIBRATION_PHOTOS = 10  # a head's temperature needs this many validation photos known
 
 
 @dataclass
@@ -155,6 +157,30 @@ def head_metrics(logits: np.ndarray, truth: np.ndarray, values: list[str]) -> di
             else []}
 
 
+def head_calibration(logits: np.ndarray, truth: np.ndarray, calibrate: bool = True) -> dict:
+    """One temperature for a head, fitted as the main label's is (trainer.calibration) on the
+    validation photos whose value is known, with ECE and NLL before and after on them;
+    T = 1 with the reason when there are too few such photos or --no-calibrate."""
+    known = truth >= 0
+    if not calibrate:
+        return {"temperature": 1.0, "fitted_on": "not calibrated (--no-calibrate)"}
+    if known.sum() < MIN_CALIBRATION_PHOTOS:
+        return {"temperature": 1.0, "images": int(known.sum()),
+                "fitted_on": f"not calibrated: {int(known.sum())} validation photos with a "
+                             f"known value, fewer than {MIN_CALIBRATION_PHOTOS}"}
+    return calibration_report(logits[known], truth[known],
+                              f"head logits of the {int(known.sum())} validation photos whose "
+                              "value is known")
+
+
+def calibration_line(calibration: dict) -> str:
+    if "ece_before" not in calibration:
+        return calibration["fitted_on"]
+    return (f"temperature {calibration['temperature']:.3f}: ECE {calibration['ece_before']:.4f}"
+            f" -> {calibration['ece_after']:.4f} on the {calibration['images']} photos it was "
+            "fitted on")
+
+
 def _digest(state: dict) -> str:
     sha = hashlib.sha256()
     for key, tensor in state.items():
@@ -200,27 +226,32 @@ def fit_attributes(run_dir: Path, console: Console | None = None) -> dict | None
     val_feats = features(model, val.tensor, config.eval_batch_size)
     train_targets = {n: targets(table, train.samples, n, v) for n, v in vocab.items()}
     heads = train_heads(train_feats, train_targets, vocab, config)
-    report = {}
+    report, temperatures = {}, {}
     with torch.no_grad():
         for name, values in vocab.items():
             truth = targets(table, val.samples, name, values)
+            logits = heads[name](val_feats).numpy()
             report[name] = {"values": values,
                             "train_known": int((train_targets[name] >= 0).sum()),
                             "train_per_value": np.bincount(
                                 train_targets[name][train_targets[name] >= 0],
                                 minlength=len(values)).tolist(),
-                            **head_metrics(heads[name](val_feats).numpy(), truth, values)}
+                            **head_metrics(logits, truth, values),
+                            "calibration": head_calibration(logits, truth, config.calibrate)}
             m = report[name]
+            temperatures[name] = m["calibration"]["temperature"]
             console.print(f"attribute {name}: {len(values)} values, val accuracy "
                           f"{m['accuracy'] if m['accuracy'] is None else round(m['accuracy'], 4)}"
                           f" on {m['images']} photos with a known value ({m['unknown']} unknown; "
-                          f"majority baseline {m['majority_baseline']})")
+                          f"majority baseline {m['majority_baseline']}); "
+                          + calibration_line(m["calibration"]))
     result = {"backbone": digest, "values": vocab,
               "heads": {name: head.state_dict() for name, head in heads.items()},
               "metrics": report, "evaluated_on": "validation photos (the run's own)",
               "wall_s": round(time.perf_counter() - t0, 1)}
     checkpoint["attributes"] = result
-    checkpoint["contract"] = contract.model_copy(update={"attributes": vocab}).model_dump()
+    checkpoint["contract"] = contract.model_copy(update={
+        "attributes": vocab, "attribute_temperatures": temperatures}).model_dump()
     atomic_torch_save(checkpoint, run.best)
     atomic_write_json(run.root / "attributes.json",
                       {k: v for k, v in result.items() if k != "heads"})
