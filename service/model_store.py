@@ -5,7 +5,8 @@ on one layout: the store entry holds `model.onnx` (plus optional extras such as
 `model.int8.onnx` and `MODEL_CARD.md`), and its metadata repeats the contract and metrics.
 The ONNX file's own metadata stays the source of truth; the store copy must agree with it.
 It also carries the export's accuracy gate (`GATE_KEY`): which runtime + precision variants
-kept validation accuracy within `ACCURACY_BUDGET` of fp32; `select_variant` serves only those.
+kept validation accuracy within `ACCURACY_BUDGET` of fp32, the main label's and every attribute
+head's; `select_variant` serves only those.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,8 +140,40 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def gate_refusal(gate: dict, variant: str, path: Path) -> str | None:
-    """Why the gate refuses `variant` (served from `path`), or None when it may serve."""
+def head_refusal(gate: dict, variant: str, attributes: Iterable[str] = ()) -> str | None:
+    """Why the gate refuses `variant` for one of the model's attribute heads, or None.
+
+    A head that lost more than the budget against ONNX Runtime fp32's accuracy for that head
+    is refused; so is a variant of a model with attributes whose gate holds no figures for its
+    heads (exported before every head was gated), except the reference, ONNX Runtime fp32,
+    whose heads the export's parity check has always held equal to torch's."""
+    entry = gate.get("variants", {}).get(variant) or {}
+    budget = gate.get("budget", ACCURACY_BUDGET)
+    checked = entry.get("heads") or {}
+    for name, head in checked.items():
+        reference = (gate.get("heads") or {}).get(name, {}).get("reference_val_acc")
+        if head.get("val_acc") is None or reference is None:
+            continue  # no validation photo with a known value: nothing was lost
+        drop = reference - head["val_acc"]
+        if drop > budget + 1e-9:
+            return (f"{variant}'s attribute head {name!r} loses {100 * drop:.2f} points of "
+                    f"validation accuracy against fp32 ({head['val_acc']:.4f} vs "
+                    f"{reference:.4f} on {head.get('val_known')} photos with a known value; the "
+                    f"budget is {100 * budget:.1f}); serve CLASSIFIER_PRECISION=fp32 or another "
+                    "variant whose heads all passed")
+    unchecked = sorted(set(attributes) - set(checked))
+    if unchecked and variant != gate.get("reference"):
+        return (f"the attribute heads {unchecked} were not checked on {variant} when the model "
+                "was exported (a gate from before every head was checked); re-export with "
+                "`trainer export RUN_DIR`, or serve CLASSIFIER_RUNTIME=onnxruntime "
+                "CLASSIFIER_PRECISION=fp32")
+    return None
+
+
+def gate_refusal(gate: dict, variant: str, path: Path,
+                 attributes: Iterable[str] = ()) -> str | None:
+    """Why the gate refuses `variant` (served from `path`), or None when it may serve.
+    `attributes`: the model's attribute heads, each of which must have passed too."""
     entry = gate.get("variants", {}).get(variant)
     if entry is None:
         checked = sorted(name for name, e in gate.get("variants", {}).items() if e.get("passed"))
@@ -156,7 +190,7 @@ def gate_refusal(gate: dict, variant: str, path: Path) -> str | None:
                 f"({entry['val_acc']:.4f} vs {reference:.4f} on {gate['val_images']} photos; "
                 f"the budget is {100 * gate.get('budget', ACCURACY_BUDGET):.1f}); serve "
                 f"CLASSIFIER_PRECISION=fp32 or another variant that passed")
-    return None
+    return head_refusal(gate, variant, attributes)
 
 
 def _runnable(model: ResolvedModel, runtime: str, precision: str) -> bool:
@@ -169,12 +203,14 @@ def select_variant(model: ResolvedModel, runtime: str, precision: str,
                    device: str = "cpu") -> tuple[ResolvedModel, str]:
     """The file and precision to serve on `runtime`, checked against the export's gate.
 
-    precision auto: the fastest variant of this runtime that passed the gate (fp32 on a GPU,
-    whose speed the export did not measure, and for a model without a gate). A variant the gate
-    failed, or did not check, is refused with a ContractError; a model without any gate (not
-    from `trainer export`) is served as asked, with a warning.
+    precision auto: the fastest variant of this runtime that passed the gate, the main label
+    and every attribute head (fp32 on a GPU, whose speed the export did not measure, and for a
+    model without a gate). A variant the gate failed, for the label or any head, or did not
+    check, is refused with a ContractError; a model without any gate (not from `trainer
+    export`) is served as asked, with a warning.
     """
     gate = model.gate
+    attributes = list(model.contract.attributes or {})
     if precision == "auto":
         precision = "fp32"
         if gate is not None and device == "cpu":
@@ -182,7 +218,8 @@ def select_variant(model: ResolvedModel, runtime: str, precision: str,
                       for entry in gate.get("variants", {}).values()
                       if entry.get("runtime") == runtime and entry.get("passed")]
             for _, candidate in sorted(passed, reverse=True):
-                if _runnable(model, runtime, candidate):
+                if _runnable(model, runtime, candidate) and head_refusal(
+                        gate, variant_name(runtime, candidate), attributes) is None:
                     precision = candidate
                     break
     served = int8_variant(model) if precision == "int8" else model
@@ -192,7 +229,7 @@ def select_variant(model: ResolvedModel, runtime: str, precision: str,
             logger.warning("%s carries no accuracy gate (not written by `trainer export`): "
                            "serving %s unchecked", model.onnx_path, variant)
         return served, precision
-    refusal = gate_refusal(gate, variant, served.onnx_path)
+    refusal = gate_refusal(gate, variant, served.onnx_path, attributes)
     if refusal and not (precision == "fp32" and variant not in gate.get("variants", {})):
         raise ContractError(f"CLASSIFIER_PRECISION={precision} on {runtime} refused: {refusal}")
     return served, precision

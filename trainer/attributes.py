@@ -9,9 +9,13 @@ masked cross-entropies (unknown values add nothing), with per-value weights by t
 `balance` rule and its optimizer, learning rate, weight decay, label smoothing and
 head_epochs. The backbone is fine-tuned by the main label only: the attribute heads cannot
 make the category worse. Each head is judged on the validation photos (accuracy, macro-F1,
-confusion matrix over the photos whose value is known) and everything lands in best.pt,
-where `trainer evaluate` and `trainer export` find it; a dataset without `attr_` columns
-leaves best.pt exactly as the training wrote it.
+confusion matrix over the photos whose value is known) and gets its own temperature, fitted
+on those photos as the main label's is (`trainer.calibration`; ECE before and after), which
+the contract carries so that served attribute scores are calibrated. Everything lands in
+best.pt, where `trainer evaluate` and `trainer export` find it; a dataset without `attr_`
+columns leaves best.pt exactly as the training wrote it. `head_references` and `check_heads`
+are the export's view of the heads: torch's logits and the truth on the validation photos,
+and the ONNX outputs' parity with them.
 """
 
 from __future__ import annotations
@@ -273,42 +277,68 @@ def load_multihead(checkpoint: dict, model: Classifier) -> MultiHead | None:
     return multi
 
 
-def check_heads(multi: MultiHead, sess, images: np.ndarray, samples: list[Sample], run: RunDir,
+@dataclass
+class HeadReference:
+    """One attribute head on the validation photos: what torch computes and the truth."""
+    output: str                 # the ONNX output, attr_NAME
+    truth: np.ndarray           # value index per photo, UNKNOWN_TARGET where unknown
+    torch_logits: np.ndarray    # [photos, values]
+
+    @property
+    def known(self) -> np.ndarray:
+        return self.truth >= 0
+
+    def accuracy(self, logits: np.ndarray) -> float | None:
+        """Accuracy over the photos whose value is known (None: there are none)."""
+        known = self.known
+        return float((logits[known].argmax(1) == self.truth[known]).mean()) if known.any() \
+            else None
+
+
+def head_references(multi: MultiHead, images: np.ndarray, samples: list[Sample],
+                    run: RunDir) -> dict[str, HeadReference]:
+    """Every attribute head's torch logits and truth on the validation photos, what the export's
+    parity check (`check_heads`) and accuracy gate (`trainer.variants`) judge the ONNX outputs
+    against."""
+    config = TrainConfig.model_validate_json(run.config.read_text())
+    table = read_attributes(config.data)
+    with torch.no_grad():
+        theirs = [torch.cat(parts).numpy() for parts in zip(*(
+            multi(torch.from_numpy(images[i:i + 32]))[1:] for i in range(0, len(images), 32)))]
+    return {name: HeadReference(
+                output, (np.full(len(samples), UNKNOWN_TARGET) if table is None  # data moved
+                         else targets(table, samples, name, multi.values[name])), reference)
+            for name, output, reference in zip(multi.names, multi.output_names[1:], theirs)}
+
+
+def check_heads(references: dict[str, HeadReference], sess, images: np.ndarray,
                 tolerance: float, parity_images: int, console: Console) -> dict:
     """Every attribute output of the ONNX session against torch on the validation photos:
     max |logit diff| and identical top-1 on the parity photos, equal accuracy over the photos
     whose value is known. Raises the export's ParityError on any difference."""
     from trainer.onnx_graph import ParityError
 
-    config = TrainConfig.model_validate_json(run.config.read_text())
-    table = read_attributes(config.data)
-    names = multi.output_names[1:]
-    with torch.no_grad():
-        theirs = [torch.cat(parts).numpy() for parts in zip(*(
-            multi(torch.from_numpy(images[i:i + 32]))[1:] for i in range(0, len(images), 32)))]
+    names = [head.output for head in references.values()]
     ours = [np.concatenate(parts) for parts in zip(*(
         sess.run(names, {ONNX_INPUT: images[i:i + 32]}) for i in range(0, len(images), 32)))]
     report = {}
-    for name, output, mine, reference in zip(multi.names, names, ours, theirs):
-        truth = (np.full(len(samples), UNKNOWN_TARGET) if table is None  # data moved away
-                 else targets(table, samples, name, multi.values[name]))
-        known = truth >= 0
-        head = {"output": output,
+    for (name, ref), mine in zip(references.items(), ours):
+        reference = ref.torch_logits
+        head = {"output": ref.output,
                 "max_abs_logit_diff": float(np.abs(mine[:parity_images]
                                                    - reference[:parity_images]).max()),
                 "top1_identical": bool((mine[:parity_images].argmax(1)
                                         == reference[:parity_images].argmax(1)).all()),
-                "val_known": int(known.sum()),
-                "val_acc_torch": float((reference[known].argmax(1) == truth[known]).mean())
-                if known.any() else None,
-                "val_acc_onnx": float((mine[known].argmax(1) == truth[known]).mean())
-                if known.any() else None}
+                "val_known": int(ref.known.sum()),
+                "val_acc_torch": ref.accuracy(reference),
+                "val_acc_onnx": ref.accuracy(mine)}
         report[name] = head
-        console.print(f"parity of {output}: max |logit diff| {head['max_abs_logit_diff']:.2e}, "
-                      f"top-1 identical: {head['top1_identical']}; val accuracy torch "
-                      f"{head['val_acc_torch']} onnx {head['val_acc_onnx']} "
-                      f"({head['val_known']} photos with a known value)")
+        console.print(f"parity of {ref.output}: max |logit diff| "
+                      f"{head['max_abs_logit_diff']:.2e}, top-1 identical: "
+                      f"{head['top1_identical']}; val accuracy torch {head['val_acc_torch']} "
+                      f"onnx {head['val_acc_onnx']} ({head['val_known']} photos with a known "
+                      "value)")
         if (head["max_abs_logit_diff"] > tolerance or not head["top1_identical"]
                 or head["val_acc_onnx"] != head["val_acc_torch"]):
-            raise ParityError(f"ONNX output {output} disagrees with torch: {head}")
+            raise ParityError(f"ONNX output {ref.output} disagrees with torch: {head}")
     return report

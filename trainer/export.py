@@ -59,7 +59,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     console = console or Console()
     run = RunDir(Path(run_dir))
     model, contract, checkpoint = load_trained(run.root)
-    from trainer.attributes import check_heads, load_multihead
+    from trainer.attributes import check_heads, head_references, load_multihead
 
     multi = load_multihead(checkpoint, model)  # attribute heads beside the main one, if any
     out = run.export
@@ -96,9 +96,10 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
         raise ParityError(f"ONNX export disagrees with torch: {report['parity']}, val accuracy "
                           f"{acc_onnx} vs {acc_torch}; see {out / 'export.json'}")
 
-    if multi is not None:  # the same parity and accuracy checks, head by head
-        report["attributes"] = check_heads(multi, sess, images, val.samples, run, tolerance,
-                                           parity_images, console)
+    heads = None if multi is None else head_references(multi, images, val.samples, run)
+    if heads:  # the same parity and accuracy checks, head by head
+        report["attributes"] = check_heads(heads, sess, images, tolerance, parity_images,
+                                           console)
         atomic_write_json(out / "export.json", report)
 
     batch = min(16, len(images))
@@ -146,7 +147,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     from trainer.variants import gate_variants  # every servable runtime + precision vs torch
 
     report["accuracy_gate"] = gate_variants(fp32_path, int8_path, images, labels, theirs,
-                                            console=console)
+                                            heads=heads, console=console)
     tag = None
     if save:
         from service.model_store import save_to_store
