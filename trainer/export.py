@@ -4,6 +4,10 @@ Verification, in order: the ONNX model's logits match torch's on real validation
 (max abs difference, identical top-1), and its validation accuracy equals torch's. With
 --int8 a static QDQ per-channel copy is calibrated on training photos and reported with its
 speed and accuracy change. The graph work itself is `trainer/onnx_graph.py`.
+
+Every file is written into a staging folder beside RUN/export and the folder renamed into place
+only when the export is complete (gate, store entry and export.json included): a kill -9 at any
+moment leaves the previous export/ as it was, or none, never a half-written model.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from rich.console import Console
 from trainer.data import EvalImages, Sample, Skipped
 from trainer.onnx_graph import (
     ParityError,
+    compare_logits,
     export_onnx,
     images_per_second,
     onnx_logits,
+    parity_refusal,
     quantize_int8,
     session,
     torch_logits,
 )
-from trainer.runs import RunDir, atomic_write_json, load_trained
+from trainer.runs import RunDir, atomic_write_json, load_trained, publish_dir, staging_dir
 
 log = logging.getLogger("trainer")
 
@@ -62,7 +68,8 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     from trainer.attributes import check_heads, head_references, load_multihead
 
     multi = load_multihead(checkpoint, model)  # attribute heads beside the main one, if any
-    out = run.export
+    final = run.export
+    out = staging_dir(final)  # everything is written here, then renamed to `final`
     fp32_path = out / FP32_FILE
     t0 = time.perf_counter()
     used = export_onnx(multi or model, contract, fp32_path, exporter)
@@ -75,26 +82,25 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     images, labels = val.tensor.numpy(), val.labels.numpy()
     sess = session(fp32_path)
     ours, theirs = onnx_logits(sess, images), torch_logits(model, images)
-    parity = images[:parity_images]
-    max_diff = float(np.abs(ours[:len(parity)] - theirs[:len(parity)]).max())
-    top1_same = bool((ours[:len(parity)].argmax(1) == theirs[:len(parity)].argmax(1)).all())
-    acc_onnx = float((ours.argmax(1) == labels).mean())
-    acc_torch = float((theirs.argmax(1) == labels).mean())
-    report = {"exporter": used, "onnx_file": str(fp32_path), "contract": contract.model_dump(),
-              "parity": {"images": len(parity), "max_abs_logit_diff": max_diff,
-                         "top1_identical": top1_same, "tolerance": tolerance},
+    parity, acc_onnx, acc_torch = compare_logits(ours, theirs, labels, parity_images, tolerance)
+    max_diff, top1_same = parity["max_abs_logit_diff"], parity["top1_identical"]
+    report = {"exporter": used, "onnx_file": str(final / FP32_FILE),
+              "contract": contract.model_dump(), "parity": parity,
               "val_images": len(labels), "val_acc_torch": acc_torch, "val_acc_onnx": acc_onnx,
               "train_metrics": checkpoint.get("metrics", {}),
               "selection": (checkpoint.get("selection") or {}).get("mode", "val"),
               # after a cross-validated refit these photos were trained on: a parity check only
               "val_in_training": (checkpoint.get("selection") or {}).get("mode") == "cv"}
-    console.print(f"parity on {len(parity)} real photos: max |logit diff| {max_diff:.2e}, "
+    console.print(f"parity on {parity['images']} real photos: max |logit diff| {max_diff:.2e}, "
                   f"top-1 identical: {top1_same}; val accuracy torch {acc_torch:.4f} "
                   f"onnx {acc_onnx:.4f} ({len(labels)} photos)")
-    if max_diff > tolerance or not top1_same or acc_onnx != acc_torch:
+    if refusal := parity_refusal(parity, acc_onnx, acc_torch):
+        refused = run.root / "export-refused"  # kept to look at; export/ stays as it was
+        report["onnx_file"] = str(refused / FP32_FILE)
         atomic_write_json(out / "export.json", report)
-        raise ParityError(f"ONNX export disagrees with torch: {report['parity']}, val accuracy "
-                          f"{acc_onnx} vs {acc_torch}; see {out / 'export.json'}")
+        publish_dir(out, refused)
+        raise ParityError(f"{refusal}. Refused: {final} is unchanged; the refused model and "
+                          f"its report are in {refused}")
 
     heads = None if multi is None else head_references(multi, images, val.samples, run)
     if heads:  # the same parity and accuracy checks, head by head
@@ -123,7 +129,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
             fp32_rates.append(images_per_second(sess, images, batch, repeats=3))
             int8_rates.append(images_per_second(sess8, images, batch, repeats=3))
         fp32_rate, int8_rate = statistics.median(fp32_rates), statistics.median(int8_rates)
-        report["int8"] = {"file": str(int8_path), "calibration_images": len(calib),
+        report["int8"] = {"file": str(final / INT8_FILE), "calibration_images": len(calib),
                           "val_acc": acc_int8, "val_acc_change": acc_int8 - acc_onnx,
                           "images_per_s_batch16": round(int8_rate, 1),
                           "fp32_images_per_s_batch16": round(fp32_rate, 1),
@@ -138,8 +144,8 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
 
         tta = measure_flip_tta(model, contract, out / FLIP_FILE, images, labels, sess, used,
                                batch)
-        report["flip_tta"] = tta
-        console.print(f"flip TTA ({out / FLIP_FILE}): val accuracy {tta['val_acc']:.4f} "
+        report["flip_tta"] = {**tta, "file": str(final / FLIP_FILE)}
+        console.print(f"flip TTA ({final / FLIP_FILE}): val accuracy {tta['val_acc']:.4f} "
                       f"({tta['val_acc_gain']:+.4f}) for {tta['cost']:.2f}x the inference "
                       f"time ({tta['images_per_s']:.0f} vs {tta['images_per_s_plain']:.0f} "
                       f"images/s at batch {batch}); model.onnx stays without it")
@@ -161,4 +167,6 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
         report["bentoml_tag"] = tag
         console.print(f"saved to the BentoML model store as [bold]{tag}[/]")
     atomic_write_json(out / "export.json", report)
-    return ExportResult(fp32_path, int8_path, tag, report)
+    publish_dir(out, final)  # the one moment export/ changes: old complete -> new complete
+    console.print(f"export: {final}/")
+    return ExportResult(final / FP32_FILE, int8_path and final / INT8_FILE, tag, report)

@@ -10,6 +10,7 @@ padding as ~500 shape ops); TorchScript is the fallback.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 import warnings
@@ -23,6 +24,7 @@ import torch
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, ModelContract
 from service.runtime import create_session
 from trainer.config import TrainerError
+from trainer.runs import atomic_write_bytes
 
 log = logging.getLogger("trainer")
 
@@ -40,33 +42,70 @@ def export_onnx(model: torch.nn.Module, contract: ModelContract, path: Path,
     outputs = getattr(model, "output_names", [ONNX_OUTPUT])
     example = torch.zeros(2, 3, contract.input_size, contract.input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # torch writes its file (and any external .data) under a temporary name; `path` only ever
+    # appears complete, contract included (a kill -9 mid-export leaves no model without it).
+    raw = path.with_name(f".{path.stem}.{os.getpid()}.raw.onnx")
     used = exporter
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            try:
-                torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
-                                  output_names=outputs, dynamo=True, optimize=True,
-                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                                  verbose=False)
-            except Exception as exc:  # noqa: BLE001 - any op the dynamo exporter cannot trace yet
-                log.warning("dynamo exporter failed (%s); falling back to TorchScript", exc)
-                used = "torchscript"
-        if used == "torchscript":
-            torch.onnx.export(model, (example,), str(path), input_names=[ONNX_INPUT],
-                              output_names=outputs, dynamo=False, opset_version=17,
-                              dynamic_axes={ONNX_INPUT: {0: "batch"},
-                                            **{name: {0: "batch"} for name in outputs}})
-    proto = onnx.load(str(path))  # one file: weights inlined, metadata added
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                try:
+                    torch.onnx.export(model, (example,), str(raw), input_names=[ONNX_INPUT],
+                                      output_names=outputs, dynamo=True, optimize=True,
+                                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                                      verbose=False)
+                except Exception as exc:  # noqa: BLE001 - any op dynamo cannot trace yet
+                    log.warning("dynamo exporter failed (%s); falling back to TorchScript",
+                                exc)
+                    used = "torchscript"
+            if used == "torchscript":
+                torch.onnx.export(model, (example,), str(raw), input_names=[ONNX_INPUT],
+                                  output_names=outputs, dynamo=False, opset_version=17,
+                                  dynamic_axes={ONNX_INPUT: {0: "batch"},
+                                                **{name: {0: "batch"} for name in outputs}})
+        proto = onnx.load(str(raw))  # one file: weights inlined, metadata added
+    finally:
+        for leftover in (raw, *raw.parent.glob(raw.name + ".data")):
+            leftover.unlink(missing_ok=True)
     proto.ir_version = min(proto.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
     del proto.metadata_props[:]
     for key, value in contract.to_metadata().items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
-    for leftover in path.parent.glob(path.name + ".data"):
-        leftover.unlink()
-    onnx.save(proto, str(path))
+    save_model(proto, path)
     return used
+
+
+def save_model(proto: onnx.ModelProto, path: Path) -> None:
+    """One self-contained .onnx file, written atomically (temporary sibling, fsync, rename)."""
+    atomic_write_bytes(path, lambda handle: handle.write(proto.SerializeToString()))
+
+
+def parity_refusal(parity: dict, acc_onnx: float, acc_torch: float) -> str | None:
+    """Why an ONNX file must not replace the torch model it came from, or None: its logits
+    differ by more than the tolerance (NaN counts as more), its top-1 differs on a parity photo,
+    or its validation accuracy differs."""
+    why = []
+    if not parity["max_abs_logit_diff"] <= parity["tolerance"]:
+        why.append(f"max |logit diff| {parity['max_abs_logit_diff']:.3g} on {parity['images']} "
+                   f"real photos is above the tolerance {parity['tolerance']:g}")
+    if not parity["top1_identical"]:
+        why.append(f"top-1 label differs on some of the {parity['images']} photos")
+    if acc_onnx != acc_torch:
+        why.append(f"validation accuracy {acc_onnx:.4f} (ONNX) vs {acc_torch:.4f} (torch)")
+    return ("ONNX export disagrees with torch: " + "; ".join(why)) if why else None
+
+
+def compare_logits(ours: np.ndarray, theirs: np.ndarray, labels: np.ndarray,
+                   parity_images: int, tolerance: float) -> tuple[dict, float, float]:
+    """(parity on the first `parity_images` photos, ONNX val accuracy, torch val accuracy)."""
+    n = min(parity_images, len(ours))
+    parity = {"images": n, "max_abs_logit_diff": float(np.abs(ours[:n] - theirs[:n]).max()),
+              "top1_identical": bool((ours[:n].argmax(1) == theirs[:n].argmax(1)).all()),
+              "tolerance": tolerance}
+    return (parity, float((ours.argmax(1) == labels).mean()),
+            float((theirs.argmax(1) == labels).mean()))
 
 
 def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -117,17 +156,22 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = int8_path.with_name("model.prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(int8_path), _Calibration(calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    prepared.unlink(missing_ok=True)
-    proto = onnx.load(str(int8_path))  # quantize_static keeps metadata_props; make sure
+    # Intermediate files under temporary names; int8_path appears complete or not at all.
+    prepared = int8_path.with_name(f".{int8_path.stem}.{os.getpid()}.prep.onnx")
+    quantized = int8_path.with_name(f".{int8_path.stem}.{os.getpid()}.raw.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantized), _Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        proto = onnx.load(str(quantized))  # quantize_static keeps metadata_props; make sure
+    finally:
+        prepared.unlink(missing_ok=True)
+        quantized.unlink(missing_ok=True)
     if not any(p.key == "version" for p in proto.metadata_props):
         for key, value in ModelContract.from_metadata(
                 {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
         ).to_metadata().items():
             proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(int8_path))
+    save_model(proto, int8_path)

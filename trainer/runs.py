@@ -8,7 +8,8 @@ RUN_DIR/
   selection.json         how the exported model was chosen (cross-validation folds) + calibration
   checkpoints/best.pt    the model to export, with its contract (temperature included)
   report/                written by `trainer evaluate` (metrics, plots, MODEL_CARD.md)
-  export/                written by `trainer export` (model.onnx, model.int8.onnx, export.json)
+  export/                written by `trainer export` (model.onnx, model.int8.onnx, export.json),
+                         built in export.partial-PID-*/ and renamed into place when complete
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +85,58 @@ def atomic_torch_save(obj, path: Path) -> None:
 def atomic_write_json(path: Path, obj) -> None:
     data = json.dumps(obj, indent=2, default=str).encode()
     atomic_write_bytes(path, lambda handle: handle.write(data))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def staging_dir(final: Path) -> Path:
+    """A new empty folder beside `final` (same file system, so `publish_dir` can rename it into
+    place) named FINAL.partial-PID-RANDOM. Staging folders of processes that no longer run (a
+    kill -9 mid-write) and folders a publish left behind are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"{re.escape(final.name)}\.(partial|old)-(\d+)-[0-9a-f]+")
+    for stale in final.parent.iterdir():
+        match = pattern.fullmatch(stale.name)
+        if match and stale.is_dir() and (match[1] == "old" or not _alive(int(match[2]))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staged = final.with_name(f"{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    staged.mkdir()
+    return staged
+
+
+def publish_dir(staged: Path, final: Path) -> None:
+    """Put the complete folder `staged` where `final` is, by renames only: at every moment
+    `final` is the old complete folder, absent, or the new complete folder, never a mix or a
+    torn file. Files are flushed to disk first, so a crash cannot publish empty files."""
+    for path in staged.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(staged)
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    _fsync_dir(final.parent)
 
 
 class UnsafeCheckpointError(TrainerError):
