@@ -201,13 +201,19 @@ class Manifest:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing, COMMIT included: when the COMMIT fails (a full disk: SQLITE_FULL)
+        the transaction is rolled back too, so the connection is usable again and the file
+        holds exactly what earlier transactions committed."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite may have rolled back on its own (it does on SQLITE_FULL): then ROLLBACK
+            # would fail with "no transaction is active" and hide the real error.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- pages ---------------------------------------------------------------------------
     def add_page(self, url: str, label: str, kind: str = "listing", page_no: int = 1,
