@@ -15,17 +15,26 @@ A block page (a captcha, or a listing without products: collector.blocks) is rec
 number of times (`politeness.block_*`); then the crawl stops that host, says how to come
 back, and the next run of the same command starts again from that page. A page on a host
 without a site profile is `failed: no_profile`, and one bad page never ends the crawl.
+
+A full disk (ENOSPC or EDQUOT from an image file or from SQLite) ends the crawl instead: it is
+no fault of the images, so none is recorded as bad. The store refuses further writes, the
+space reserve held beside the manifest is given back, what was finished is committed, and the
+crawl stops with `DiskFull` (exit status 4: the message names the disk and how much is free);
+images in flight stay pending and the same command, run once there is room, resumes there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -46,9 +55,58 @@ from collector.extract import extract_listing, extract_product_image
 from collector.fetch import Fetched, Fetcher, FetchError
 from collector.manifest import Manifest, open_manifest
 from collector.rules import apply_rules, decide
-from collector.store import ImageStore
+from collector.store import ImageStore, SpaceReserve, free_bytes, out_of_space
 from collector.validate import validate_image
 from service.contract import ImageDecodeError
+
+DISK_FULL_EXIT = 4
+
+
+class DiskFull(SystemExit):
+    """The collection's disk is full (or over quota): the crawl stopped with everything it
+    finished committed. A SystemExit with status DISK_FULL_EXIT, so that `collector crawl`
+    ends with the message (printed by `crawl`) and without a traceback; `message` says it."""
+
+    def __init__(self, message: str):
+        super().__init__(DISK_FULL_EXIT)
+        self.message = message
+
+
+def disk_full_message(error: BaseException, where: Path, manifest: Manifest | None,
+                      unsaved: int = 0) -> str:
+    """What went wrong, where, how much is free, what the manifest holds, how to go on."""
+    kind = ("quota exceeded" if isinstance(error, OSError) and error.errno == errno.EDQUOT
+            else "no space left")
+    free = free_bytes(where)
+    said = (f"{error.strerror}" if isinstance(error, OSError) and error.strerror
+            else str(error))
+    text = (f"disk full: {kind} writing {where} ({said}; "
+            f"{'?' if free is None else _size(free)} free there now). The crawl stopped")
+    if manifest is not None:
+        try:
+            stored, todo, pages = manifest.query(
+                "SELECT (SELECT COUNT(*) FROM images WHERE path IS NOT NULL), "
+                "(SELECT COUNT(*) FROM images WHERE status = 'pending'), "
+                "(SELECT COUNT(*) FROM pages WHERE status = 'pending')")[0]
+        except sqlite3.Error:
+            stored = todo = pages = None
+        if stored is not None:
+            text += (f" with everything it finished in {Path(manifest.path)} ({stored} images "
+                     f"stored; {todo} images and {pages} pages still to fetch)")
+    if unsaved:
+        text += f"; the last {unsaved} results could not be written and will be fetched again"
+    return (text + ". Make room there (or point output_dir at a larger disk), then run the "
+                   "same command again: it resumes from here.")
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000:
+            break
+    return f"{n:.1f} {unit}"
 
 
 @dataclass
@@ -79,11 +137,16 @@ class CrawlResult:
 
 class Crawler:
     def __init__(self, config: SourcesConfig, manifest: Manifest, store: ImageStore,
-                 fetcher: Fetcher, progress: Progress | None = None):
+                 fetcher: Fetcher, progress: Progress | None = None,
+                 reserve: SpaceReserve | None = None):
         self.config = config
         self.manifest = manifest
         self.store = store
         self.fetcher = fetcher
+        self.reserve = reserve           # given back when the disk fills: room to commit
+        self.no_space: BaseException | None = None   # the write the disk refused: stop
+        self.unsaved = 0                 # results the manifest could not take even then
+        self._work: asyncio.Task | None = None
         self.progress = progress
         self.stats = CrawlStats()
         self.queue: asyncio.Queue[tuple[str, int, str]] = asyncio.Queue()   # product pages
@@ -194,7 +257,9 @@ class Crawler:
             for page in pages:
                 try:
                     await self.listing_page(page)
-                except Exception:  # noqa: BLE001 (one bad page must not end the crawl)
+                except Exception as exc:  # noqa: BLE001 (one bad page must not end the crawl)
+                    if out_of_space(exc):    # ...but a full disk does: the page stays pending
+                        return self.halt_no_space(exc)
                     self.manifest.finish_page(page["id"], "failed", "internal_error")
                     self._page_done(failed=True)
 
@@ -331,15 +396,66 @@ class Crawler:
             _kind, page_id, _url = await self.queue.get()
             try:
                 await self.product_page(page_id)
-            except Exception:  # noqa: BLE001 (one bad item must not stop the crawl)
-                self.manifest.finish_page(page_id, "failed", "internal_error")
+            except Exception as exc:  # noqa: BLE001 (one bad item must not stop the crawl)
+                if out_of_space(exc):
+                    self.halt_no_space(exc)
+                else:
+                    self.manifest.finish_page(page_id, "failed", "internal_error")
             finally:
                 self.queue.task_done()
 
+    # -- a full disk: stop, commit what is finished, say so ------------------------------
+    def halt_no_space(self, exc: BaseException) -> None:
+        """The disk refused a write (ENOSPC / EDQUOT, from a file or from SQLite). Not a
+        fault of any image: stop the whole crawl (once); `run` commits and raises DiskFull."""
+        if self.no_space is not None:
+            return
+        self.no_space = exc
+        reason = exc if isinstance(exc, OSError) else OSError(errno.ENOSPC, str(exc))
+        self.store.stop_writes(reason, wait=False)   # no file written from now on
+        if self._work is not None:
+            self._work.cancel()
+
+    def _where(self, exc: BaseException) -> Path:
+        if isinstance(exc, OSError) and exc.filename:
+            return Path(exc.filename)
+        return self.manifest.path if isinstance(exc, sqlite3.Error) else self.store.root
+
+    def _final_flush(self) -> None:
+        """The last commit of a run. After a full disk, the reserve is given back first so
+        that it has room; results it still cannot take stay pending (fetched again)."""
+        if self.no_space is None:
+            try:
+                return self.flush()
+            except Exception as exc:
+                if not out_of_space(exc):
+                    raise
+                self.halt_no_space(exc)
+        self.store.stop_writes(self.store.refused, wait=True)   # writes in progress end...
+        if self.reserve is not None:
+            self.reserve.release()       # ...before the reserve's room is given back
+        try:
+            self.flush()
+        except Exception as exc:
+            if not out_of_space(exc):
+                raise
+            self.unsaved = len(self._writes)
+            self._writes.clear()
+
+    def _disk_full(self) -> DiskFull:
+        return DiskFull(disk_full_message(self.no_space, self._where(self.no_space),
+                                          self.manifest, self.unsaved))
+
     def _write(self, method: Callable[..., None], *args: object, **kwargs: object) -> None:
         self._writes.append((method, args, kwargs))
-        if len(self._writes) >= 100 or time.monotonic() - self._last_flush > 0.5:
-            self.flush()
+        if self.no_space is None and (len(self._writes) >= 100
+                                      or time.monotonic() - self._last_flush > 0.5):
+            try:
+                self.flush()
+            except Exception as exc:
+                if not out_of_space(exc):
+                    raise
+                self.halt_no_space(exc)  # the batch stays queued for the final flush
 
     def flush(self) -> None:
         if self._writes:
@@ -390,7 +506,7 @@ class Crawler:
             try:
                 kind, facts = self._download(url)
             except Exception as exc:  # noqa: BLE001 (one bad item must not stop the crawl)
-                kind, facts = "error", exc
+                kind, facts = ("no_space" if out_of_space(exc) else "error"), exc
             with self._outcomes_lock:
                 self._outcomes.append((image_id, url, kind, facts))
                 wake, self._wake_pending = not self._wake_pending, True
@@ -406,7 +522,7 @@ class Crawler:
         copy = self._stored_by_url.get(url)
         if copy is not None:             # same URL under another label: bytes already here
             return "reused", copy
-        if urlsplit(url).netloc in self.stopped:
+        if urlsplit(url).netloc in self.stopped or self.store.refused is not None:
             return "skipped", None       # left pending: the next run fetches it
         # robots.txt is the fetcher's to check, on this URL and on every redirect hop.
         try:
@@ -442,6 +558,9 @@ class Crawler:
     def _record(self, image_id: int, url: str, kind: str, facts) -> int:
         """Queue one image's manifest write; 1 when it counts as done, 0 when left pending."""
         if kind == "skipped":
+            return 0
+        if kind == "no_space":           # the disk is full, the image is fine: stays pending
+            self.halt_no_space(facts)
             return 0
         if kind in ("stored", "reused"):
             if kind == "reused":
@@ -479,9 +598,24 @@ class Crawler:
             self._tick(images=1)
 
     # -- the whole run -------------------------------------------------------------------
+    async def _walk(self) -> None:
+        await asyncio.gather(*(self.walk_label(label) for label in self.config.categories))
+        await self.queue.join()          # product pages done: no more images will be found
+        while self._in_flight:
+            self._idle.clear()
+            await self._idle.wait()
+
     async def run(self) -> CrawlResult:
+        """The whole crawl; raises DiskFull (after committing what was finished) when the
+        disk refuses a write."""
         self._loop, self._idle = asyncio.get_running_loop(), asyncio.Event()
-        self.seed()
+        try:
+            self.seed()
+        except Exception as exc:
+            if not out_of_space(exc):
+                raise
+            self.halt_no_space(exc)
+            raise self._disk_full() from None
         n_workers = min(64, self.config.politeness.concurrency_per_host *
                         max(1, len(self.config.sites)) + 2)
         # Every page worker and every label's page walker may hold one thread (a request, a
@@ -493,12 +627,16 @@ class Crawler:
         for thread in threads:
             thread.start()
         workers = [asyncio.create_task(self.worker()) for _ in range(n_workers)]
+        self._work = asyncio.ensure_future(self._walk())
         try:
-            await asyncio.gather(*(self.walk_label(label) for label in self.config.categories))
-            await self.queue.join()      # product pages done: no more images will be found
-            while self._in_flight:
-                self._idle.clear()
-                await self._idle.wait()
+            await self._work
+        except asyncio.CancelledError:
+            if self.no_space is None:    # Ctrl-C; halt_no_space cancels it otherwise
+                raise
+        except Exception as exc:
+            if not out_of_space(exc):
+                raise
+            self.halt_no_space(exc)
         finally:
             # Threads finish the image in hand (an interrupted run's is redone next time,
             # its row still pending) and take no other.
@@ -509,10 +647,18 @@ class Crawler:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             self._record_outcomes()
-            self.flush()       # also on Ctrl-C: keep every finished image
+            self._final_flush()  # also on Ctrl-C: keep every finished image
             self._recorded_all = True
-        apply_rules(self.manifest, self.config)   # fills title columns of product-page rows
-        dedup = run_dedup(self.manifest, self.config.dedup.hamming_threshold)
+        if self.no_space is not None:
+            raise self._disk_full()
+        try:
+            apply_rules(self.manifest, self.config)   # fills title columns of product pages
+            dedup = run_dedup(self.manifest, self.config.dedup.hamming_threshold)
+        except Exception as exc:     # rolled back: rows stay 'downloaded', the next run dedups
+            if not out_of_space(exc):
+                raise
+            self.halt_no_space(exc)
+            raise self._disk_full() from None
         return CrawlResult(self.stats, dedup, dict(self.fetcher.stats), dict(self.stopped))
 
 
@@ -536,16 +682,35 @@ def start_urls(config: SourcesConfig) -> list[str]:
 
 async def crawl(config: SourcesConfig, console: Console | None = None,
                 retry_failed: bool = False) -> CrawlResult:
-    """Crawl everything in `config` into `config.output_dir` (resuming what is there)."""
+    """Crawl everything in `config` into `config.output_dir` (resuming what is there).
+
+    Raises DiskFull (a SystemExit, status 4, its message printed on `console`) when the
+    disk is full or over quota, at the start or midway; what was finished is committed."""
     console = console or Console(stderr=True)
-    manifest = open_manifest(config.output_dir)
-    store = ImageStore(config.output_dir)
-    store.sweep()
-    if retry_failed:
-        manifest.retry_failed()
+    reserve = SpaceReserve(config.output_dir)
+    manifest = None
     try:
+        try:
+            reserve.hold()               # room for the last commit if the disk fills
+            manifest = open_manifest(config.output_dir)
+            store = ImageStore(config.output_dir)
+            store.sweep()
+            if retry_failed:
+                manifest.retry_failed()
+        except (OSError, sqlite3.Error) as exc:
+            if not out_of_space(exc):
+                raise
+            where = (Path(exc.filename) if isinstance(exc, OSError) and exc.filename
+                     else Path(config.output_dir))
+            raise DiskFull(disk_full_message(exc, where, manifest)) from None
         async with Fetcher(config.politeness, config.download, start_urls(config)) as fetcher:
             with make_progress(console) as progress:
-                return await Crawler(config, manifest, store, fetcher, progress).run()
+                return await Crawler(config, manifest, store, fetcher, progress,
+                                     reserve).run()
+    except DiskFull as stop:
+        console.print(f"[red]{escape(stop.message)}", soft_wrap=True)
+        raise
     finally:
-        manifest.close()
+        if manifest is not None:
+            manifest.close()
+        reserve.release()
