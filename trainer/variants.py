@@ -120,8 +120,8 @@ def gate_variants(fp32_path: Path, int8_path: Path | None, images: np.ndarray,
                      top1_agreement=float((logits.argmax(1) == torch_top1).mean()),
                      max_abs_logit_diff=float(np.abs(logits - torch_logits).max()))
         if heads:
-            entry["heads"] = {name: _head_entry(mine, reference) for (name, reference), mine
-                              in zip(heads.items(), head_logits)}
+            entry["heads"] = {head_name: _head_entry(mine, reference) for (head_name, reference),
+                              mine in zip(heads.items(), head_logits)}
         if precision == "int8":
             entry["sha256"] = file_sha256(path)  # the gate holds for this very file only
         entries[name] = entry
@@ -139,12 +139,14 @@ def gate_variants(fp32_path: Path, int8_path: Path | None, images: np.ndarray,
         entry["val_acc_change"] = entry["val_acc"] - reference
         entry["images_per_s"] = round(statistics.median(rates[name]), 1)
         entry["passed"] = reference - entry["val_acc"] <= budget + 1e-9
-        for name, head in entry.get("heads", {}).items():
-            judged = head["val_acc"] is not None and head_reference[name] is not None
-            head["val_acc_change"] = head["val_acc"] - head_reference[name] if judged else None
+        for head_name, head in entry.get("heads", {}).items():
+            ref = head_reference[head_name]
+            judged = head["val_acc"] is not None and ref is not None
+            head["val_acc_change"] = head["val_acc"] - ref if judged else None
             # No validation photo with a known value: nothing to lose, nothing to judge.
-            head["passed"] = not judged or head_reference[name] - head["val_acc"] <= budget + 1e-9
-        failed = [name for name, head in entry.get("heads", {}).items() if not head["passed"]]
+            head["passed"] = not judged or ref - head["val_acc"] <= budget + 1e-9
+        failed = [head_name for head_name, head in entry.get("heads", {}).items()
+                  if not head["passed"]]
         if failed:
             entry["failed_heads"] = failed
         entry["passed"] = entry["passed"] and not failed
