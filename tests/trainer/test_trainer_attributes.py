@@ -1,10 +1,12 @@
 """Attribute heads: labels from manifest.csv (unknown masked), one head per attribute on the
-shared backbone, per-attribute metrics in the report, one ONNX output per head with parity, and
-a single-label dataset that trains and exports exactly as before."""
+shared backbone, per-attribute metrics in the report, one temperature per head fitted on the
+validation photos whose value is known, one ONNX output per head with parity, and a
+single-label dataset that trains and exports exactly as before."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,8 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.contract import CONTRACT_KEY, ModelContract
+from service.contract import CONTRACT_KEY, ModelContract, load_and_preprocess
 from trainer.attributes import fit_attributes, read_attributes
+from trainer.calibration import fit_temperature
 from trainer.evaluate import evaluate
 from trainer.heads import masked_cross_entropy, value_weights
 
@@ -54,12 +57,41 @@ def test_multi_head_run_reports_and_exports_one_output_per_attribute(attribute_e
     known = sum(table.values_of(p)["colour"] in values for p in val_files)
     assert colour["images"] == known and colour["unknown"] == len(val_files) - known
     assert np.asarray(colour["confusion_matrix"]).sum() == known
+    # The head's temperature with its ECE before/after (trainer.attributes) in the report.
+    assert colour["calibration"]["temperature"] == contract.attribute_temperatures["colour"]
+    assert {"ece_before", "ece_after"} <= set(colour["calibration"])
     card = (run / "report" / "MODEL_CARD.md").read_text()
     assert "## Attributes" in card and "confusion_matrix_attr_colour.png" in card
     assert (run / "report" / "confusion_matrix_attr_colour.png").is_file()
     # Done once per trained model: a second call finds the heads in best.pt.
     assert fit_attributes(run)["backbone"] == json.loads(
         (run / "attributes.json").read_text())["backbone"]
+
+
+def test_each_head_gets_a_temperature_fitted_on_its_known_validation_photos(attribute_export):
+    """The colour head's temperature is the one that minimises the NLL of its scores on the
+    validation photos whose colour is known (refitted here from the exported ONNX file's own
+    attr_colour outputs), it is in the contract the service reads, and ECE/NLL before and
+    after are in attributes.json and the run report."""
+    run = attribute_export.parents[1]
+    contract = ModelContract.from_metadata(
+        {p.key: p.value for p in onnx.load(attribute_export).metadata_props})
+    fitted = json.loads((run / "attributes.json").read_text())["metrics"]["colour"]["calibration"]
+    assert contract.attribute_temperatures == {"colour": fitted["temperature"]}
+
+    values = contract.attributes["colour"]
+    table = read_attributes(json.loads((run / "config.json").read_text())["data"])
+    val_files = [p for p, _ in json.loads((run / "dataset.json").read_text())["val_samples"]]
+    known = [(p, values.index(table.values_of(p)["colour"])) for p in val_files
+             if table.values_of(p)["colour"] in values]
+    session = ort.InferenceSession(str(attribute_export))
+    tensor = np.stack([load_and_preprocess(Path(p).read_bytes(), contract) for p, _ in known])
+    logits = session.run(["attr_colour"], {"input": tensor})[0]
+    truth = np.array([value for _, value in known])
+    assert fitted["images"] == len(known)
+    assert fitted["temperature"] == pytest.approx(fit_temperature(logits, truth), rel=2e-3)
+    assert fitted["nll_after"] <= fitted["nll_before"] + 1e-4  # T = 1 was a candidate
+    assert 0 <= fitted["ece_after"] <= 1 and 0 <= fitted["ece_before"] <= 1
 
 
 @pytest.fixture(scope="module")
