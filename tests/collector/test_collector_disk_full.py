@@ -196,7 +196,9 @@ def test_collector_manifest_disk_fills_midway_then_resumes(crawled, tmp_path, tm
     """The manifest's disk fills (another file takes it while the crawl runs; the photos
     have a disk of their own): SQLite is refused, the crawl stops with what it committed;
     run again on the still-full disk it stops again at once, changing nothing; with the
-    filler gone it finishes."""
+    filler gone it finishes. (A whole crawl of the shop writes ~670 WAL frames, under
+    SQLite's 1000-frame checkpoint, so each commit grows the WAL: the first one after the
+    filler is refused.)"""
     collection = tmpfs(tmp_path / "collected", 8 * 1024)
     tmpfs(collection / "images", store_bytes(crawled) * 2 // 1024)
     manifest = collection / "manifest.sqlite"
