@@ -117,7 +117,7 @@ class TrainConfig(BaseModel):
 
     # --- data --------------------------------------------------------------------------------
     balance: Literal["auto", "sampler", "loss", "none"] = Field("auto", description=(
-        "class imbalance: 'auto' = inverse-frequency loss weights when the largest class has "
+        "class imbalance: 'auto' = loss weights ~ 1/sqrt(frequency) when the largest class has "
         "more than 1.5x the smallest, else none"))
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description=(
         "share of train held out for validation when DATA has no val/validation split"))

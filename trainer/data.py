@@ -335,3 +335,16 @@ def class_counts(labels: list[int], num_classes: int) -> np.ndarray:
 def imbalance_ratio(counts: np.ndarray) -> float:
     present = counts[counts > 0]
     return float(present.max() / present.min()) if len(present) else 1.0
+
+
+def loss_weights(counts: np.ndarray, balance: str) -> torch.Tensor | None:
+    """Per-class loss weights ~ 1/sqrt(frequency), mean 1, for the main label and every
+    attribute head: rare classes count more without flipping the prior so far that accuracy
+    on common ones suffers. 'auto' weighs only a set whose largest class has more than 1.5x
+    the photos of its smallest; 'none' and 'sampler' (which balances by drawing) weigh none."""
+    if balance in ("none", "sampler"):
+        return None
+    if balance == "auto" and imbalance_ratio(counts) <= 1.5:
+        return None
+    weights = 1.0 / np.sqrt(np.maximum(np.asarray(counts, dtype=np.float64), 1))
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)

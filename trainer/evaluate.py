@@ -27,7 +27,7 @@ from sklearn.metrics import (
 
 from service.contract import decode_image
 from trainer.calibration import expected_calibration_error, probabilities
-from trainer.data import EvalImages, Sample, Skipped, discover
+from trainer.data import DataError, EvalImages, Sample, Skipped, discover
 from trainer.runs import RunDir, atomic_write_json, load_trained
 
 
@@ -38,7 +38,7 @@ def eval_samples(run: RunDir, labels: list[str], data: Path | None) -> tuple[lis
         return [Sample(Path(p), label) for p, label in info["val_samples"]], info["val_source"]
     splits = discover(data, min_images_per_class=1, val_fraction=0.15)
     if splits.labels != labels and not set(splits.labels) <= set(labels):
-        raise ValueError(f"{data} has labels {splits.labels}; the model knows {labels}")
+        raise DataError(f"{data} has labels {splits.labels}; the model knows {labels}")
     remap = {i: labels.index(name) for i, name in enumerate(splits.labels)}
     if splits.test:
         chosen, source = splits.test, f"{data}/test"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.contract import ATTRIBUTE_OUTPUT
+from trainer.data import loss_weights
 from trainer.models import Classifier
 
 UNKNOWN_TARGET = -1
@@ -64,14 +65,6 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def value_weights(targets: np.ndarray, values: int, balance: str) -> torch.Tensor | None:
-    """Per-value loss weights over the known targets, the main label's rule
-    (trainer.train.class_weights): 1/sqrt(frequency), mean 1; 'auto' only when the largest
-    value has more than 1.5x the photos of the smallest."""
-    known = targets[targets >= 0]
-    counts = np.bincount(known, minlength=values).astype(np.float64)
-    if balance in ("none", "sampler"):
-        return None
-    if balance == "auto" and counts.max() <= 1.5 * max(counts.min(), 1):
-        return None
-    weights = 1.0 / np.sqrt(np.maximum(counts, 1))
-    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+    """Per-value loss weights over the known targets, by the main label's rule
+    (trainer.data.loss_weights)."""
+    return loss_weights(np.bincount(targets[targets >= 0], minlength=values), balance)

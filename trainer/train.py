@@ -45,6 +45,7 @@ from trainer.data import (
     collate_skipping,
     discover,
     imbalance_ratio,
+    loss_weights,
     train_transform,
 )
 from trainer.distributed import Processes, barrier, shard, wrap
@@ -92,15 +93,7 @@ def make_contract(config: TrainConfig, labels: list[str]) -> ModelContract:
 
 
 def class_weights(config: TrainConfig, labels: list[int], num_classes: int) -> torch.Tensor | None:
-    """Loss weights ~ 1/sqrt(frequency), mean 1: rare labels count more without flipping the
-    prior so far that accuracy on common labels suffers."""
-    counts = class_counts(labels, num_classes).astype(np.float64)
-    if config.balance == "none" or config.balance == "sampler":
-        return None
-    if config.balance == "auto" and imbalance_ratio(counts) <= 1.5:
-        return None
-    weights = 1.0 / np.sqrt(np.maximum(counts, 1))
-    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+    return loss_weights(class_counts(labels, num_classes), config.balance)
 
 
 def progress_bar(console: Console) -> Progress:
