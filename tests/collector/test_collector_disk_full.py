@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from collector.demo_shop import write_sources
-from collector.manifest import STORED_STATUSES
-from collector.store import RESERVE_FILE
+from collector.manifest import STORED_STATUSES, open_manifest
+from collector.store import RESERVE_FILE, out_of_space
 from tests.collector.conftest import rows, start_shop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,3 +235,32 @@ def test_collector_manifest_disk_fills_midway_then_resumes(crawled, tmp_path, tm
     finally:
         shop.stop()
     assert_finished_like(collection, crawled)
+
+
+def test_collector_tells_a_full_disk_from_other_write_errors():
+    assert out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not out_of_space(OSError(errno.EIO, "Input/output error"))
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied"))
+    assert not out_of_space(sqlite3.OperationalError("database is locked"))
+    assert not out_of_space(ValueError("No space left on device"))
+
+
+def test_collector_manifest_survives_a_full_database(tmp_path):
+    """SQLITE_FULL mid-transaction (here a database at its page limit: SQLite's same error
+    as a full disk, and it rolls the transaction back by itself): what comes out is that
+    error, not "cannot rollback", and the manifest holds what it held, usable again."""
+    with open_manifest(tmp_path) as manifest:
+        manifest.add_image("http://127.0.0.1:1/img/kept.jpg", "hat")
+        pages = manifest.db.execute("PRAGMA page_count").fetchone()[0]
+        manifest.db.execute(f"PRAGMA max_page_count = {pages + 2}")
+        with pytest.raises(sqlite3.OperationalError) as raised, manifest.transaction():
+            for i in range(2000):
+                manifest.add_image(f"http://127.0.0.1:1/img/{i}-{'x' * 200}.jpg", "hat")
+        assert raised.value.sqlite_errorcode == sqlite3.SQLITE_FULL, raised.value
+        assert out_of_space(raised.value) and not manifest.db.in_transaction
+        assert [r["url"] for r in manifest.query("SELECT url FROM images")] == [
+            "http://127.0.0.1:1/img/kept.jpg"]
+        with manifest.transaction():
+            manifest.add_image("http://127.0.0.1:1/img/after.jpg", "hat")
+        assert len(manifest.query("SELECT id FROM images")) == 2
