@@ -5,7 +5,10 @@ Quality, on the demo catalogue (`demo_data/catalog`, 10 labels x 30 photos, spli
 `bench_train.make_demo`: 20 train / 4 val / 6 test per label; each photo's colour is the one
 its demo-shop title names, `demo_data/colours.json`, written as manifest.csv's `attr_colour`
 the way `collector export` writes it), three trainings with one fixed config (`--steps`
-fine-tuning steps, `--selection val`, the default recipe otherwise):
+fine-tuning steps, `--selection val`, the default recipe otherwise; scored by default on the
+weights after the whole step budget, `--checkpoint last`, so that every backbone is fine-tuned
+for its own label: on 40 validation photos the selection may keep the head phase, i.e. the
+ImageNet backbone):
   shared         the category fine-tuned, then the colour head on its backbone (`trainer
                  train` + `trainer.attributes.fit_attributes`): what `make demo` ships;
   colour-only    colour as the main label on the same photos whose colour is known, so its
@@ -71,9 +74,15 @@ class BenchAttributes(BaseModel):
     parts: list[Literal["quality", "serving"]] = Field(["quality", "serving"], description=(
         "quality: the three trainings scored on the test photos; serving: the shared model "
         "served with and without its heads (trains the shared model first if it is missing)"))
-    steps: int = Field(150, ge=1, description=(
+    steps: int = Field(64, ge=1, description=(
         "fine-tuning optimizer steps per training (fixed, so each training takes a few "
-        "minutes on 2 CPU cores); with --selection val"))
+        "minutes on 2 CPU cores: 64 steps of 32 = 10 passes over the 200 training photos); "
+        "with --selection val"))
+    checkpoint: Literal["last", "best"] = Field("last", description=(
+        "the weights scored for quality: last = after the whole step budget (no early "
+        "stopping), so every backbone is fine-tuned for its own label, the colour head fitted "
+        "on the shared model's final backbone; best = what `trainer train` keeps (best "
+        "validation macro-F1, which on 40 photos may be the head phase: an ImageNet backbone)"))
     selection: Literal["val", "auto", "cv"] = Field("val", description=(
         "model selection of every training (val: one training each, the affordable one)"))
     image_size: int | None = Field(None, ge=32, description="training and serving size "
@@ -148,6 +157,8 @@ def train_config(data: Path, out: Path, bench: BenchAttributes):
 
     knobs = {"steps": bench.steps, "selection": bench.selection, "seed": bench.seed,
              "threads": bench.threads, "image_size": bench.image_size, **bench.overrides}
+    if bench.checkpoint == "last":  # the whole budget: no early stopping
+        knobs["patience"] = 10_000
     return TrainConfig(data=data, out=out, **knobs)
 
 
@@ -167,16 +178,49 @@ def train_model(name: str, data: Path, out: Path, bench: BenchAttributes,
             "cpu_s": round(time.process_time() - cpu_start, 1)}
 
 
-def predict(run_dir: Path, photos: list[Path]) -> tuple[list[str], dict[str, list[str]]]:
+def heads_on(run_dir: Path, model, contract) -> dict[str, tuple[Any, list[str]]]:
+    """The run's attribute heads fitted on `model`'s features, as `fit_attributes` fits them
+    (its own functions, the run's config and training photos): name -> (head, values)."""
+    from trainer.attributes import features, read_attributes, targets, train_heads, vocabulary
+    from trainer.config import TrainConfig
+    from trainer.data import EvalImages, Skipped
+    from trainer.export import run_samples
+    from trainer.runs import RunDir
+
+    run = RunDir(run_dir)
+    config = TrainConfig.model_validate_json(run.config.read_text())
+    table = read_attributes(config.data)
+    if table is None:
+        return {}
+    train = EvalImages(run_samples(run, "train"), contract, Skipped(),
+                       description="attribute heads: train")
+    vocab = vocabulary(table, train.samples)
+    feats = features(model, train.tensor, config.eval_batch_size)
+    heads = train_heads(feats, {n: targets(table, train.samples, n, v) for n, v in vocab.items()},
+                        vocab, config)
+    return {name: (head, vocab[name]) for name, head in heads.items()}
+
+
+def predict(run_dir: Path, photos: list[Path],
+            which: str = "last") -> tuple[list[str], dict[str, list[str]]]:
     """The run's predicted main label and attribute values for each photo, through the
-    service's own preprocessing (`load_and_preprocess`)."""
+    service's own preprocessing (`load_and_preprocess`): `which` checkpoint, with its
+    attribute heads fitted on that checkpoint's backbone (best: the ones in best.pt)."""
     import torch
 
     from trainer.attributes import load_multihead
+    from trainer.heads import MultiHead
     from trainer.runs import load_trained
 
-    model, contract, checkpoint = load_trained(run_dir)
-    multi = load_multihead(checkpoint, model)
+    model, contract, checkpoint = load_trained(run_dir, which)
+    if which == "best":
+        multi = load_multihead(checkpoint, model)
+    else:
+        fitted = heads_on(run_dir, model, contract)
+        multi = MultiHead(model, {n: h for n, (h, _) in fitted.items()}).eval() if fitted \
+            else None
+        if multi is not None:
+            multi.values = {n: v for n, (_, v) in fitted.items()}
     net = multi or model
     tensor = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), contract)
                                         for p in photos]))
@@ -225,8 +269,9 @@ def quality(bench: BenchAttributes, datasets: dict[str, Path], console: Console)
     known = [i for i, (_, _, colour) in enumerate(photos) if colour != UNKNOWN]
     colour_truth = [photos[i][2] for i in known]
 
-    shared_labels, shared_heads = predict(runs["shared"], files)
-    colour_only, _ = predict(runs["colour-only"], [files[i] for i in known])
+    which = bench.checkpoint
+    shared_labels, shared_heads = predict(runs["shared"], files, which)
+    colour_only, _ = predict(runs["colour-only"], [files[i] for i in known], which)
     shared_colour = [shared_heads[ATTRIBUTE][i] for i in known]
     values = sorted(set(colour_truth) | set(shared_colour) | set(colour_only))
     labels = sorted(set(categories))
@@ -234,19 +279,31 @@ def quality(bench: BenchAttributes, datasets: dict[str, Path], console: Console)
                        "category": score(shared_labels, categories, labels)},
             "colour-only": {"colour": score(colour_only, colour_truth, values)}}
     if "category-only" in names:
-        category_only, _ = predict(runs["category-only"], files)
+        category_only, _ = predict(runs["category-only"], files, which)
         rows["category-only"] = {"category": score(category_only, categories, labels)}
     for name, row in rows.items():
         row["training"] = timing[name]
+        row["selected_by_trainer"] = selected(runs[name])
     comparison = {"colour": paired(rows["shared"]["colour"], rows["colour-only"]["colour"])}
     if "category-only" in rows:
         comparison["category"] = paired(rows["shared"]["category"],
                                         rows["category-only"]["category"])
     return {"test_photos": len(files), "colour_known": len(known), "colour_values": values,
-            "models": rows, "paired": comparison,
+            "models": rows, "paired": comparison, "checkpoint": which,
             "config": train_config(datasets["shared"], runs["shared"], bench).model_dump(
                 mode="json", include={"steps", "selection", "seed", "image_size", "arch",
-                                      "head_epochs", "batch_size", "threads"})}
+                                      "head_epochs", "batch_size", "threads", "patience"})}
+
+
+def selected(run_dir: Path) -> str:
+    """Which evaluation best.pt holds: the head phase or a fine-tuning epoch."""
+    history = json.loads((run_dir / "history.json").read_text())
+    best = max((r for r in history if "val_acc" in r),
+               key=lambda r: (r["val_macro_f1"], r["val_acc"]), default=None)
+    if best is None:
+        return "?"
+    where = "head phase" if best["phase"] == "head" else f"epoch {best['epoch']}"
+    return f"{where} (val acc {best['val_acc']:.4f}) of {len(history)} evaluations"
 
 
 # --- serving ------------------------------------------------------------------------------
@@ -360,6 +417,9 @@ def quality_rows(quality: dict) -> list[list[str]]:
     """model, backbone fine-tuned for, colour acc / macro-F1, category acc / macro-F1, time."""
     tuned = {"shared": "category (colour: a linear head on it)",
              "colour-only": "colour", "category-only": "category"}
+    if quality.get("checkpoint") == "best":
+        tuned = {name: f"{what}; best.pt: {quality['models'][name]['selected_by_trainer']}"
+                 for name, what in tuned.items() if name in quality["models"]}
     rows = []
     for name, row in quality["models"].items():
         colour, category = row.get("colour", {}), row.get("category", {})
@@ -385,6 +445,10 @@ def _sentences(report: dict) -> list[str]:
     lines = []
     if "quality" in report:
         q = report["quality"]
+        lines.append(f"Scored: the {q['checkpoint']} weights of each training. What `trainer "
+                     "train` kept as best.pt (best validation macro-F1): " + "; ".join(
+                         f"{name} {row['selected_by_trainer']}"
+                         for name, row in q["models"].items()) + ".")
         c = q["paired"]["colour"]
         lines.append(f"Colour on the {q['colour_known']} test photos whose colour is known (of "
                      f"{q['test_photos']}; values {', '.join(q['colour_values'])}): only the "
@@ -442,7 +506,8 @@ def render(report: dict) -> str:
     settings = report["settings"]
     lines = ["## Attribute heads: shared backbone vs one model per attribute; serving cost", "",
              (f"`python -m benchmarks.bench_attributes` (steps {settings['steps']}, selection "
-             f"{settings['selection']}, seed {settings['seed']}, users {settings['users']}, "
+             f"{settings['selection']}, checkpoint {settings['checkpoint']}, seed "
+             f"{settings['seed']}, users {settings['users']}, "
              f"requests {settings['requests']}, rounds {settings['rounds']}), "
              f"{report['date']}, commit {report['commit']}, {report['machine']}, load average "
              f"{report['load_average_start']} at start, {report.get('load_average_end')} at "

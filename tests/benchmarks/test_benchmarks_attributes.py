@@ -16,6 +16,7 @@ from benchmarks.bench_attributes import (
     BenchAttributes,
     export_pair,
     make_datasets,
+    predict,
     quality,
     render,
     serving,
@@ -89,6 +90,11 @@ def test_quality_scores_every_model_on_the_same_test_photos(tiny_quality):
     # same photos with the same seed predicts exactly the same.
     assert models["shared"]["category"]["correct"] == models["category-only"]["category"]["correct"]
     assert report["paired"]["category"] == {"only_first": 0, "only_second": 0}
+    # A probe's last weights are its best ones: the colour head refitted on them for
+    # `--checkpoint last` is the one `fit_attributes` put in best.pt.
+    photos = sorted((datasets["shared"] / "test").glob("*/*"))
+    assert predict(bench.out / "runs" / "shared", photos, "last") == predict(
+        bench.out / "runs" / "shared", photos, "best")
     markdown = render({"date": "d", "commit": "c", "machine": "m", "load_average_start": [0],
                        "settings": bench.model_dump(mode="json"), "quality": report})
     for name in models:
