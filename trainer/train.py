@@ -771,8 +771,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     net = wrap(model, processes, device)  # after the head phase, which trains on all photos
     for epoch in range(state.epoch, plan.epochs):
         if selection.mode == "val" and state.evals_since_best() >= config.patience:
-            console.print(f"early stop: no better validation macro-F1 for {config.patience} "
-                          "evaluations")
+            # Said in selection.json and best.pt too: a shorter history alone reads as a crash.
+            selection.summary["early_stop"] = (
+                f"after epoch {state.epoch} of {plan.epochs}: no better validation macro-F1 "
+                f"for {config.patience} evaluations (patience)")
+            console.print(f"early stop {selection.summary['early_stop']}")
             break
         seed_epoch(config, epoch, processes)
         with progress_bar(console) as progress:

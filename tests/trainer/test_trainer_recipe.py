@@ -65,7 +65,9 @@ def test_early_stopping_ends_the_run_before_its_budget_and_says_so(tiny_folder, 
     result = train(TrainConfig(data=tiny_folder, out=out, patience=2, **knobs), console=console)
     output = said(console)
     assert "6 fine-tuning steps = 6 epochs" in output  # the budget it was given
-    assert "early stop: no better validation macro-F1 for 2 evaluations" in output
+    stop = "after epoch 2 of 6: no better validation macro-F1 for 2 evaluations (patience)"
+    assert f"early stop {stop}" in output
+    assert json.loads(RunDir(out).selection.read_text())["summary"]["early_stop"] == stop
     history = json.loads(RunDir(out).history.read_text())
     assert [(row["epoch"], row["phase"]) for row in history] == [
         (0, "head"), (1, "finetune"), (2, "finetune")]
@@ -79,14 +81,16 @@ def test_early_stopping_ends_the_run_before_its_budget_and_says_so(tiny_folder, 
     again = quiet_console()
     train(TrainConfig(out=out, resume=True), console=again)
     assert "2 of 6 fine-tuning epochs done" in said(again)
-    assert "early stop: no better validation macro-F1 for 2" in said(again)
+    assert f"early stop {stop}" in said(again)
     assert json.loads(RunDir(out).history.read_text()) == history
 
     # The control: the same run with patience for the whole budget trains all 6 epochs.
     control = quiet_console()
     full = train(TrainConfig(data=tiny_folder, out=tmp_path / "full", patience=6, **knobs),
                  console=control)
-    assert "early stop:" not in said(control)
+    assert "early stop after" not in said(control)
+    assert "early_stop" not in json.loads(RunDir(tmp_path / "full").selection.read_text())[
+        "summary"]
     assert [row["epoch"] for row in full.history] == [0, 1, 2, 3, 4, 5, 6]
 
 
