@@ -19,7 +19,11 @@ after --warmup-s (imports and the first pages), the slope per minute (least squa
 and over the second half; drift as in benchmarks/soak.py: the last fifth above the first fifth
 by more than --max-rss-growth-mb and still rising over the second half faster than
 --max-rss-slope-mb-per-min. (The crawl keeps a small record per stored image, to reuse a URL
-seen under two labels: some growth is by design.)
+seen under two labels: some growth is by design.) The crawl runs without the MALLOC_*
+variables the Makefile exports for training (no mmap, never trim: glibc then keeps every
+arena's high-water mark, and the crawl's RSS rose ~5 MB/min with them against ~0.6 without, in
+the same 240 s soak), so it is measured as `collector crawl` runs; --inherit-malloc-env keeps
+them.
 Accounting: every (label, product) the shop listed (its /_plan.json) must be one manifest row,
 at the image URL the shop offered, with a final status: ok / duplicate / conflict (stored),
 rejected, failed or blocked; none missing, none extra, none pending.
@@ -99,6 +103,10 @@ class SoakCollectConfig(BaseSettings):
         "memory drift: RSS of the last fifth above the first fifth by more than this..."))
     max_rss_slope_mb_per_min: float = Field(1.0, gt=0, description=(
         "...and still rising faster than this over the second half"))
+    inherit_malloc_env: bool = Field(False, description=(
+        "run the crawl with this environment's MALLOC_* variables (`make` exports training's "
+        "MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_; by default the crawl runs without them, "
+        "as `collector crawl` does)"))
     timeout_s: float | None = Field(None, gt=0, description=(
         "stop the crawl (SIGINT) after this long; default 2 x duration + 300 s"))
     out: Path = Field(REPO / "bench_out" / "soak_collect", description="where results go")
@@ -140,6 +148,7 @@ class SoakCollectReport:
     products_per_label: int
     crawl_s: float                     # the crawl command's wall time
     crawl_cpu_s: float                 # its CPU seconds (user + system)
+    malloc_env: dict[str, str]         # the MALLOC_* variables the crawl ran with
     exit_code: int | None
     timed_out: bool
     requests: int | None               # from the crawl's summary line
@@ -265,6 +274,7 @@ def run_soak_collect(config: SoakCollectConfig) -> SoakCollectReport:
                                 "--write-sources", str(sources), "--output-dir", "collected"],
                   port=port, log_dir=out, ready_path="/robots.txt", timeout_s=300)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    commit = _commit()                   # the code the crawl runs (HEAD may move meanwhile)
     load_start = os.getloadavg()[0]
     timeout_s = config.timeout_s or 2 * config.duration_s + 300
     timed_out = False
@@ -276,11 +286,13 @@ def run_soak_collect(config: SoakCollectConfig) -> SoakCollectReport:
                       f"{per_label} products ({sum(distinct.values())} distinct photos from "
                       f"{config.catalog}), every fault on, at {config.rate:g} requests/s for "
                       f"~{config.duration_s:.0f} s; load average {load_start:.1f}")
+        env = {key: value for key, value in os.environ.items()
+               if config.inherit_malloc_env or not key.startswith("MALLOC_")}
         cpu_before = _children_cpu_s()
         with (out / "crawl.log").open("wb") as log:
             crawl_started = time.perf_counter()
             crawl = subprocess.Popen([sys.executable, "-m", "collector", "crawl", str(sources)],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                     cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         watched = psutil.Process(crawl.pid)
         sampler = RssSampler(lambda: [watched], config.sample_every_s)
         sampler.start()
@@ -320,11 +332,13 @@ def run_soak_collect(config: SoakCollectConfig) -> SoakCollectReport:
     slope_half = _slope_per_min(kept[len(kept) // 2:])
     nan = math.nan
     report = SoakCollectReport(
-        started=started, commit=_commit(), cores=os.cpu_count() or 0,
+        started=started, commit=commit, cores=os.cpu_count() or 0,
         load_average=[round(load_start, 2), round(load_end, 2)],
         duration_s=config.duration_s, rate=config.rate, catalog=str(config.catalog),
         labels=len(distinct), products_per_label=per_label, crawl_s=round(crawl_s, 1),
-        crawl_cpu_s=round(crawl_cpu_s, 1), exit_code=crawl.returncode, timed_out=timed_out,
+        crawl_cpu_s=round(crawl_cpu_s, 1),
+        malloc_env={k: v for k, v in env.items() if k.startswith("MALLOC_")},
+        exit_code=crawl.returncode, timed_out=timed_out,
         requests=int(done.group(5)) if done else None,
         retries=int(done.group(6)) if done else None, accounting=accounting,
         rss_first_mb=values[0] if values else nan,
@@ -355,7 +369,8 @@ def show(report: SoakCollectReport, out: Path) -> None:
         f"crawl: {report.crawl_s:.0f} s, {ended}, {report.crawl_cpu_s:.0f} CPU s, "
         f"{report.requests if report.requests is not None else '?'} requests, "
         f"{report.retries if report.retries is not None else '?'} retries; load average "
-        f"{report.load_average[0]:.1f} -> {report.load_average[1]:.1f} on {report.cores} cores")
+        f"{report.load_average[0]:.1f} -> {report.load_average[1]:.1f} on {report.cores} cores; "
+        f"malloc env: {' '.join(f'{k}={v}' for k, v in report.malloc_env.items()) or 'none'}")
     console.print(
         f"memory {verdict}: RSS first {report.rss_first_mb:.0f} MB, median "
         f"{report.rss_median_mb:.0f}, last {report.rss_last_mb:.0f}, max "
