@@ -21,9 +21,9 @@ by more than --max-rss-growth-mb and still rising over the second half faster th
 --max-rss-slope-mb-per-min. (The crawl keeps a small record per stored image, to reuse a URL
 seen under two labels: some growth is by design.) The crawl runs without the MALLOC_*
 variables the Makefile exports for training (no mmap, never trim: glibc then keeps every
-arena's high-water mark, and the crawl's RSS rose ~5 MB/min with them against ~0.6 without, in
-the same 240 s soak), so it is measured as `collector crawl` runs; --inherit-malloc-env keeps
-them.
+arena's high-water mark; in a 240 s soak the crawl's RSS went 80 -> 112 MB, +8.3 MB/min, with
+them and 76 -> 79 MB, +0.7 MB/min, without), so it is measured as `collector crawl` runs;
+--inherit-malloc-env keeps them.
 Accounting: every (label, product) the shop listed (its /_plan.json) must be one manifest row,
 at the image URL the shop offered, with a final status: ok / duplicate / conflict (stored),
 rejected, failed or blocked; none missing, none extra, none pending.
