@@ -219,6 +219,7 @@ def test_collector_manifest_disk_fills_midway_then_resumes(crawled, tmp_path, tm
             proc.kill()
         stopped = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert_stopped_cleanly(stopped, str(manifest))
+        assert "database or disk is full" in stopped.stderr
         counts = assert_manifest_true(collection, crawled)
         assert counts.get("pending", 0) > 0, counts
         before = sorted(tuple(r) for r in rows(collection, "SELECT * FROM images"))
