@@ -114,13 +114,16 @@ class Crawl(BaseModel):
     """Crawl the categories in SOURCES into its output_dir. Re-running the same command
     resumes: finished pages and images are kept, pending ones are done, nothing twice.
     Exits 3 when a shop answered block pages (captcha) until the crawl stopped asking it:
-    the collector never solves captchas or changes identity; run it again later, slower."""
+    the collector never solves captchas or changes identity; run it again later, slower.
+    Exits 4 when the disk is full: what was finished is in the manifest; make room and run
+    the same command again."""
 
     sources: CliPositionalArg[Path] = Field(description="sources YAML (see collector/examples/)")
     retry_failed: bool = Field(False, description="also retry pages and images that failed "
                                                    "in an earlier run (HTTP errors, timeouts)")
     # Exit status: 0 done; 1 bad sources file; 3 a host was stopped by block pages (run the
-    # same command later: it resumes there); 130 interrupted.
+    # same command later: it resumes there); 4 disk full (collector.crawl.DiskFull); 130
+    # interrupted.
 
     def cli_cmd(self) -> None:
         from collector.crawl import crawl
