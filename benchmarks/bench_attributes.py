@@ -495,9 +495,10 @@ def print_tables(report: dict, console: Console) -> None:
         console.print(line)
 
 
-def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+def _markdown_table(columns: list[str], rows: list[list[str]], text: int = 1) -> list[str]:
+    """A markdown table whose first `text` columns are left-aligned, the figures right."""
     return ["| " + " | ".join(columns) + " |",
-            "|" + "|".join("---" if i < 1 else "---:" for i in range(len(columns))) + "|",
+            "|" + "|".join("---" if i < text else "---:" for i in range(len(columns))) + "|",
             *["| " + " | ".join(row) + " |" for row in rows]]
 
 
@@ -513,7 +514,7 @@ def render(report: dict) -> str:
              f"{report['load_average_start']} at start, {report.get('load_average_end')} at "
              "end."), ""]
     if "quality" in report:
-        lines += _markdown_table(QUALITY_COLUMNS, quality_rows(report["quality"])) + [""]
+        lines += _markdown_table(QUALITY_COLUMNS, quality_rows(report["quality"]), 2) + [""]
     if "serving" in report:
         lines += _markdown_table(SERVING_COLUMNS, serving_rows(report["serving"])) + [""]
     lines += [f"- {line}" for line in _sentences(report)] + [""]
