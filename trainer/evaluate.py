@@ -238,6 +238,16 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
     return lines
 
 
+def head_calibration_cell(calibration: dict | None) -> str:
+    """How a head's served scores are calibrated: its temperature and ECE before -> after."""
+    if not calibration:
+        return "uncalibrated (a model from before calibrated heads)"
+    if "ece_before" not in calibration:
+        return calibration["fitted_on"]
+    return (f"T {calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> "
+            f"{calibration['ece_after']:.4f}")
+
+
 def attribute_lines(attributes: dict | None) -> list[str]:
     """One row per attribute head, then its confusion matrix (values known only)."""
     if not attributes:
@@ -249,9 +259,10 @@ def attribute_lines(attributes: dict | None) -> list[str]:
              f"values (unknown ones masked out of the loss); judged on "
              f"{attributes['evaluated_on']}, over the photos whose value is known."), "",
             ("| attribute | values | val photos known | unknown | accuracy | macro-F1 | "
-             "majority baseline |"), "|---|---|---:|---:|---:|---:|---:|",
+             "majority baseline | scores |"), "|---|---|---:|---:|---:|---:|---:|---|",
             *[f"| {name} | {', '.join(h['values'])} | {h['images']} | {h['unknown']} | "
-              f"{fmt(h['accuracy'])} | {fmt(h['macro_f1'])} | {fmt(h['majority_baseline'])} |"
+              f"{fmt(h['accuracy'])} | {fmt(h['macro_f1'])} | {fmt(h['majority_baseline'])} | "
+              f"{head_calibration_cell(h.get('calibration'))} |"
               for name, h in heads.items()], "",
             *[f"![{name} confusion matrix](confusion_matrix_attr_{name}.png)\n"
               for name, h in heads.items() if h["confusion_matrix"]], ""]

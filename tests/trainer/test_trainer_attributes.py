@@ -62,6 +62,9 @@ def test_multi_head_run_reports_and_exports_one_output_per_attribute(attribute_e
     assert {"ece_before", "ece_after"} <= set(colour["calibration"])
     card = (run / "report" / "MODEL_CARD.md").read_text()
     assert "## Attributes" in card and "confusion_matrix_attr_colour.png" in card
+    calibration = colour["calibration"]
+    assert (f"T {calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> "
+            f"{calibration['ece_after']:.4f}") in card
     assert (run / "report" / "confusion_matrix_attr_colour.png").is_file()
     # Done once per trained model: a second call finds the heads in best.pt.
     assert fit_attributes(run)["backbone"] == json.loads(
