@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.contract import ContractError, ModelContract
-from service.runtime import OPENVINO, create_session, openvino_supports, variant_name
+from service.runtime import (
+    ONNXRUNTIME,
+    OPENVINO,
+    create_session,
+    openvino_supports,
+    variant_name,
+)
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # what `trainer export --int8` writes beside model.onnx
@@ -233,3 +239,19 @@ def select_variant(model: ResolvedModel, runtime: str, precision: str,
     if refusal and not (precision == "fp32" and variant not in gate.get("variants", {})):
         raise ContractError(f"CLASSIFIER_PRECISION={precision} on {runtime} refused: {refusal}")
     return served, precision
+
+
+def serve_choice(model: ResolvedModel, runtime: str, precision: str, device: str = "cpu",
+                 runtime_was_auto: bool = False) -> tuple[str, ResolvedModel, str]:
+    """(runtime, file, precision) to serve: `select_variant` on `runtime`, and when that
+    runtime was CLASSIFIER_RUNTIME=auto's pick and refuses the model (a multi-head model whose
+    gate is from before every head was checked, or an OpenVINO variant that failed), ONNX
+    Runtime instead, with a warning: auto must not refuse a model that ONNX Runtime fp32, the
+    export's parity-checked reference, can serve."""
+    try:
+        return (runtime, *select_variant(model, runtime, precision, device))
+    except ContractError as refused:
+        if not runtime_was_auto or runtime == ONNXRUNTIME:
+            raise
+        logger.warning("%s; CLASSIFIER_RUNTIME=auto serves it with onnxruntime instead", refused)
+        return (ONNXRUNTIME, *select_variant(model, ONNXRUNTIME, precision, device))

@@ -36,7 +36,7 @@ from service.contract import (
     open_for,
 )
 from service.guard import ApiKeys, DecodeBusy, ImageRoute, PixelBudget, RequestGuard
-from service.model_store import resolve_model, select_variant
+from service.model_store import resolve_model, serve_choice
 from service.runtime import check_model_file, choose_runtime, open_runtime, variant_name
 from service.schemas import (
     AttributePrediction,
@@ -61,8 +61,9 @@ except ValidationError as error:  # e.g. a budget below max_pixels: say which an
 # refused never starts.
 try:
     RUNTIME, DEVICE = choose_runtime(settings.runtime, settings.device)
-    MODEL, PRECISION = select_variant(resolve_model(settings.model_tag), RUNTIME,
-                                      settings.precision, device=DEVICE)
+    RUNTIME, MODEL, PRECISION = serve_choice(resolve_model(settings.model_tag), RUNTIME,
+                                             settings.precision, device=DEVICE,
+                                             runtime_was_auto=settings.runtime == "auto")
     check_model_file(MODEL.onnx_path, MODEL.contract)
 except (ContractError, RuntimeError) as error:
     raise SystemExit(f"cannot serve MODEL_TAG={settings.model_tag!r}: {error}") from None

@@ -116,7 +116,7 @@ def test_a_variant_whose_head_fails_is_refused_though_its_label_passes(
 
     from loadtests.servers import free_port
     from service.contract import ContractError
-    from service.model_store import resolve_model, select_variant
+    from service.model_store import resolve_model, select_variant, serve_choice
     from tests.conftest import REPO
     from trainer.variants import gate_variants
 
@@ -160,3 +160,9 @@ def test_a_variant_whose_head_fails_is_refused_though_its_label_passes(
     assert select_variant(old_model, "onnxruntime", "auto")[1] == "fp32"
     with pytest.raises(ContractError, match=r"heads \['colour'\] were not checked"):
         select_variant(old_model, "onnxruntime", "int8")
+    # CLASSIFIER_RUNTIME=auto picked OpenVINO, which this old gate never checked the head on:
+    # auto serves ONNX Runtime fp32 instead of refusing; OpenVINO asked for by name refuses.
+    assert serve_choice(old_model, "openvino", "auto", runtime_was_auto=True)[::2] == (
+        "onnxruntime", "fp32")
+    with pytest.raises(ContractError, match=r"heads \['colour'\] were not checked"):
+        serve_choice(old_model, "openvino", "auto", runtime_was_auto=False)
