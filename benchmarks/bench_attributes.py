@@ -37,7 +37,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +52,7 @@ from sklearn.metrics import f1_score
 
 from benchmarks.bench_service import Figures, TopologyBench, _measure
 from benchmarks.bench_train import DEMO_CATALOG, make_demo
+from benchmarks.results import git_commit
 from collector.demo_shop import load_colours
 from loadtests.servers import start_bentoml
 from service.contract import load_and_preprocess
@@ -370,19 +370,12 @@ def serving(bench: BenchAttributes, models: dict[str, Path], photos: list[bytes]
 
 # --- the run ------------------------------------------------------------------------------
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def run_bench(bench: BenchAttributes) -> dict:
     console = Console(width=150)
     bench.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "settings": bench.model_dump(mode="json")}

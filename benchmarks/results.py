@@ -1,17 +1,30 @@
 """What the serving benchmarks measure, as plain records, and small helpers on them.
 
 `bench_serve` fills them, `report` renders them, `soak`/`ab_serve`/`bench_service` share the
-percentile; kept apart so that the report and the runner do not import each other.
+percentile, every benchmark the commit it records; kept apart so that the report and the
+runner do not import each other.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtests.locust_run import LoadResult
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """The checkout's short commit, recorded with every figure ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -65,6 +65,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.datasets import CLOTHING_SMALL
+from benchmarks.results import git_commit
 from benchmarks.soak import RssSampler, _fifths, _slope_per_min
 from loadtests.servers import REPO, free_port, launch
 
@@ -237,13 +238,6 @@ def account(plan: dict, manifest: Path) -> Accounting:
     return result
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -274,7 +268,7 @@ def run_soak_collect(config: SoakCollectConfig) -> SoakCollectReport:
                                 "--write-sources", str(sources), "--output-dir", "collected"],
                   port=port, log_dir=out, ready_path="/robots.txt", timeout_s=300)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    commit = _commit()                   # the code the crawl runs (HEAD may move meanwhile)
+    commit = git_commit()                # the code the crawl runs (HEAD may move meanwhile)
     load_start = os.getloadavg()[0]
     timeout_s = config.timeout_s or 2 * config.duration_s + 300
     timed_out = False
