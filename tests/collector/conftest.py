@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -45,3 +46,10 @@ def rows(collection: Path, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def outcome(collection: Path) -> set[tuple]:
+    """What a crawl ended with, independent of host:port, row ids and timing."""
+    return {(r["label"], r["product_id"], urlsplit(r["url"]).path, r["status"], r["reason"],
+             r["sha256"], r["path"])
+            for r in rows(collection, "SELECT * FROM images")}

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from collector.demo_shop import write_sources
 from collector.manifest import STORED_STATUSES, open_manifest
 from collector.store import RESERVE_FILE, out_of_space
-from tests.collector.conftest import rows, start_shop
+from tests.collector.conftest import outcome, rows, start_shop
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = 4096                       # tmpfs hands out space in pages
@@ -68,13 +67,6 @@ def crawl_command(sources: Path) -> list[str]:
 def run_crawl(sources: Path) -> subprocess.CompletedProcess:
     return subprocess.run(crawl_command(sources), cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=False)
-
-
-def outcome(collection: Path) -> set[tuple]:
-    """What a crawl ended with, independent of host:port, row ids and timing."""
-    return {(r["label"], r["product_id"], urlsplit(r["url"]).path, r["status"], r["reason"],
-             r["sha256"], r["path"])
-            for r in rows(collection, "SELECT * FROM images")}
 
 
 def finished_count(manifest: Path) -> int:

@@ -10,19 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from collector.demo_shop import write_sources
-from tests.collector.conftest import rows, start_shop
+from tests.collector.conftest import outcome, rows, start_shop
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def outcome(collection: Path) -> set[tuple]:
-    """What a crawl ended with, independent of host:port, row ids and timing."""
-    return {(r["label"], r["product_id"], urlsplit(r["url"]).path, r["status"], r["reason"],
-             r["sha256"], r["path"])
-            for r in rows(collection, "SELECT * FROM images")}
 
 
 def stored_count(manifest: Path) -> int:
