@@ -23,9 +23,16 @@ WAIT_S = 120  # bounded: the shop starts in seconds, the crawl right after it
 
 
 def start_demo(out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "demo", "--small", "--out", str(out)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    # A test suite run as a background job (`make test &`, nohup) has SIGINT ignored, and a
+    # child would inherit that: the demo must get Ctrl-C as it does at a terminal (a handler
+    # of ours is reset to the default in the child).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "demo", "--small", "--out", str(out)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
