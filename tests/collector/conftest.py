@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -53,3 +56,31 @@ def outcome(collection: Path) -> set[tuple]:
     return {(r["label"], r["product_id"], urlsplit(r["url"]).path, r["status"], r["reason"],
              r["sha256"], r["path"])
             for r in rows(collection, "SELECT * FROM images")}
+
+
+def crawl_command(sources: Path) -> list[str]:
+    return [sys.executable, "-m", "collector", "crawl", str(sources)]
+
+
+def finished_count(manifest: Path) -> int:
+    """Images a running crawl has finished (any status but pending); 0 before its schema."""
+    if not manifest.exists():
+        return 0
+    db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM images WHERE status != 'pending'").fetchone()[0]
+    except sqlite3.OperationalError:      # schema not created yet, or busy
+        return 0
+    finally:
+        db.close()
+
+
+def wait_until_finished(proc: subprocess.Popen, manifest: Path, images: int,
+                        what: str) -> None:
+    """Poll (bounded: ~120 s) until the crawl `proc` has finished `images` images; fail if
+    it ended first (`what` says what it was meant to still be running for)."""
+    for _ in range(1200):
+        if proc.poll() is not None or finished_count(manifest) >= images:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the crawl ended before {what}"

@@ -18,8 +18,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,13 @@ import pytest
 from collector.demo_shop import write_sources
 from collector.manifest import STORED_STATUSES, open_manifest
 from collector.store import RESERVE_FILE, out_of_space
-from tests.collector.conftest import outcome, rows, start_shop
+from tests.collector.conftest import (
+    crawl_command,
+    outcome,
+    rows,
+    start_shop,
+    wait_until_finished,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = 4096                       # tmpfs hands out space in pages
@@ -60,25 +64,9 @@ def remount(folder: Path, size_kb: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size_kb}k", str(folder)], check=True)
 
 
-def crawl_command(sources: Path) -> list[str]:
-    return [sys.executable, "-m", "collector", "crawl", str(sources)]
-
-
 def run_crawl(sources: Path) -> subprocess.CompletedProcess:
     return subprocess.run(crawl_command(sources), cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=False)
-
-
-def finished_count(manifest: Path) -> int:
-    if not manifest.exists():
-        return 0
-    db = sqlite3.connect(manifest, timeout=5)
-    try:
-        return db.execute("SELECT COUNT(*) FROM images WHERE status != 'pending'").fetchone()[0]
-    except sqlite3.OperationalError:      # schema not created yet, or busy
-        return 0
-    finally:
-        db.close()
 
 
 def store_bytes(collection: Path) -> int:
@@ -200,11 +188,7 @@ def test_collector_manifest_disk_fills_midway_then_resumes(crawled, tmp_path, tm
         proc = subprocess.Popen(crawl_command(sources), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            for _ in range(1200):          # bounded: at most ~120 s of polling
-                if proc.poll() is not None or finished_count(manifest) >= 40:
-                    break
-                time.sleep(0.1)
-            assert proc.poll() is None, "the crawl ended before its disk could be filled"
+            wait_until_finished(proc, manifest, 40, "its disk could be filled")
             filler = fill(collection)
             out, err = proc.communicate(timeout=120)
         finally:

@@ -5,32 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from collector.demo_shop import write_sources
-from tests.collector.conftest import outcome, rows, start_shop
+from tests.collector.conftest import (
+    crawl_command,
+    finished_count,
+    outcome,
+    rows,
+    start_shop,
+    wait_until_finished,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def stored_count(manifest: Path) -> int:
-    if not manifest.exists():
-        return 0
-    db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT COUNT(*) FROM images WHERE status != 'pending'").fetchone()[0]
-    except sqlite3.OperationalError:      # schema not created yet
-        return 0
-    finally:
-        db.close()
-
-
-def crawl_command(sources: Path) -> list[str]:
-    return [sys.executable, "-m", "collector", "crawl", str(sources)]
 
 
 def test_collector_kill_9_midway_then_resume(crawled, tmp_path):
@@ -41,17 +30,13 @@ def test_collector_kill_9_midway_then_resume(crawled, tmp_path):
         proc = subprocess.Popen(crawl_command(sources), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
-            for _ in range(1200):          # bounded: at most ~120 s of polling
-                if proc.poll() is not None or stored_count(manifest) >= 80:
-                    break
-                time.sleep(0.1)
-            assert proc.poll() is None, "the crawl ended before it could be killed"
+            wait_until_finished(proc, manifest, 80, "it could be killed")
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()
             proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
-        killed_at = stored_count(manifest)
+        killed_at = finished_count(manifest)
         pending = rows(tmp_path / "collected",
                        "SELECT (SELECT COUNT(*) FROM images WHERE status = 'pending') + "
                        "(SELECT COUNT(*) FROM pages WHERE status = 'pending') AS n")[0]["n"]
@@ -88,18 +73,14 @@ def test_collector_ctrl_c_keeps_finished_work(tmp_path):
         proc = subprocess.Popen(armed, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
-            for _ in range(1200):
-                if proc.poll() is not None or stored_count(manifest) >= 20:
-                    break
-                time.sleep(0.1)
-            assert proc.poll() is None, "the crawl ended before it could be interrupted"
+            wait_until_finished(proc, manifest, 20, "it could be interrupted")
             proc.send_signal(signal.SIGINT)
             output, _ = proc.communicate(timeout=120)
         finally:
             proc.kill()
         assert proc.returncode == 130, output
         assert "run the same command again to resume" in output
-        assert stored_count(manifest) >= 20
+        assert finished_count(manifest) >= 20
         again = subprocess.run(crawl_command(sources), check=False, cwd=REPO,
                                capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-2000:]
