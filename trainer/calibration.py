@@ -8,25 +8,35 @@ import torch
 import torch.nn.functional as F
 
 ECE_BINS = 15
+# sd of the prior on log T: T within 0.37-2.7 at two sd
+LOG_T_PRIOR_SD = 0.5
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    prior_sd: float = LOG_T_PRIOR_SD) -> float:
     """The T > 0 minimising the negative log-likelihood of softmax(logits / T) (Guo et al.,
-    2017). One parameter: it cannot change which label wins, only how sure the score is."""
+    2017), with a Gaussian prior on log T centred on T = 1 (a MAP fit). One parameter: it
+    cannot change which label wins, only how sure the score is.
+
+    Why the prior: when the held-out photos hold no error, the likelihood keeps rising as T
+    falls, and a plain fit sharpens every score towards 1.0 on the word of a few dozen photos.
+    The prior counts as much as one photo's log-likelihood, so on hundreds of photos with
+    errors it moves T by a few percent at most."""
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
-    def nll():
+    def neg_log_posterior():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x / log_t.exp(), y)
+        loss = (F.cross_entropy(x / log_t.exp(), y)
+                + log_t ** 2 / (2 * prior_sd ** 2 * max(len(y), 1)))
         loss.backward()
         return loss
 
-    optimizer.step(nll)
+    optimizer.step(neg_log_posterior)
     # Bounded: a handful of photos must not make scores absurdly sharp or flat.
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    return float(np.clip(log_t.detach().exp().item(), 0.05, 20.0))
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

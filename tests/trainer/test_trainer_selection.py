@@ -69,6 +69,19 @@ def test_temperature_recovers_the_truth_and_lowers_ece():
     assert expected_calibration_error(perfect, labels) < 0.03
 
 
+def test_temperature_does_not_sharpen_on_held_out_photos_with_no_error():
+    # 82 photos, all right with a clear margin: the likelihood alone keeps rising as T falls
+    # (the plain fit runs to its 0.05 bound and every score to 1.0); the prior holds it.
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(82, 3))
+    labels = rng.integers(0, 3, 82)
+    logits[np.arange(82), labels] += rng.uniform(3, 8, 82)
+    assert fit_temperature(logits, labels, prior_sd=1e6) < 0.1
+    temperature = fit_temperature(logits, labels)
+    assert 0.3 < temperature < 1.0
+    assert probabilities(logits, temperature).max(1).mean() < 0.995
+
+
 @pytest.fixture(scope="module")
 def cv_run(tiny_folder, tiny_train, tmp_path_factory):
     """The default selection on a validation split of 8 photos: cross-validation."""
