@@ -26,7 +26,11 @@ from sklearn.metrics import (
 )
 
 from service.contract import decode_image
-from trainer.calibration import expected_calibration_error, probabilities
+from trainer.calibration import (
+    ece_of_a_calibrated_model,
+    expected_calibration_error,
+    probabilities,
+)
 from trainer.data import DataError, EvalImages, Sample, Skipped, discover
 from trainer.runs import RunDir, atomic_write_json, load_trained
 
@@ -92,6 +96,7 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
             "temperature": contract.temperature,
             "ece_uncalibrated": expected_calibration_error(probabilities(logits), truth),
             "ece_calibrated": expected_calibration_error(probs, truth),
+            "ece_of_a_calibrated_model": ece_of_a_calibrated_model(probs),
             "fitted": checkpoint.get("calibration", {})},
         "selection": {k: v for k, v in selection.items() if k != "oof"},
     }
@@ -230,7 +235,10 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
              f"(in the model contract), fitted on {fitted.get('fitted_on', '?')}."), "",
              (f"- expected calibration error on {evaluated_on}: "
              f"**{calibration['ece_uncalibrated']:.4f}** before, "
-             f"**{calibration['ece_calibrated']:.4f}** after temperature scaling")]
+             f"**{calibration['ece_calibrated']:.4f}** after temperature scaling"
+             + (f" (a perfectly calibrated model with these scores would show about "
+                f"{calibration['ece_of_a_calibrated_model']:.4f} on this many photos, by "
+                "chance alone)" if "ece_of_a_calibrated_model" in calibration else ""))]
     if "ece_before" in fitted:
         lines.append(f"- on the photos T was fitted on ({fitted['images']}): ECE "
                      f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}, NLL "

@@ -11,6 +11,7 @@ import torch
 
 from trainer.calibration import (
     calibration_report,
+    ece_of_a_calibrated_model,
     expected_calibration_error,
     fit_temperature,
     probabilities,
@@ -67,6 +68,12 @@ def test_temperature_recovers_the_truth_and_lowers_ece():
     assert report["nll_after"] < report["nll_before"]
     perfect = probabilities(true_logits)
     assert expected_calibration_error(perfect, labels) < 0.03
+    # A perfectly calibrated model still shows some ECE on few photos: the floor says how much.
+    slices = [slice(k, k + 300) for k in range(0, 3900, 300)]
+    observed = np.mean([expected_calibration_error(perfect[s], labels[s]) for s in slices])
+    floor_300 = ece_of_a_calibrated_model(perfect[:300])
+    assert observed == pytest.approx(floor_300, rel=0.25)
+    assert ece_of_a_calibrated_model(perfect) < floor_300 / 2
 
 
 def test_temperature_does_not_sharpen_on_held_out_photos_with_no_error():
@@ -136,4 +143,6 @@ def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
         assert "expected calibration error" in card
         metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
         assert metrics["calibration"]["temperature"] == contract.temperature
+        floor = metrics["calibration"]["ece_of_a_calibrated_model"]
+        assert 0 < floor < 1 and f"would show about {floor:.4f}" in card
     assert load_checkpoint(RunDir(tiny_run).best)["selection"]["mode"] == "val"
