@@ -43,7 +43,8 @@ class TrainConfig(BaseModel):
     train_image_size: int | None = Field(None, ge=32, le=1024, description=(
         "random crops for fine-tuning at this size, below image_size (FixRes: random crops "
         "enlarge objects, so training lower than testing matches their apparent size; each "
-        "step costs ~(train/test)^2, e.g. 192 for 224: ~0.73x); default: image_size"))
+        "step costs ~(train/test)^2: 192 for 224 measured 1.36x faster steps on clothing-small, "
+        "-0.6 points, within one run's noise); default: image_size"))
 
     # --- schedule ----------------------------------------------------------------------------
     steps: int | None = Field(None, ge=1, description=(
