@@ -86,7 +86,6 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, fitted_on: str) -
     return {"temperature": round(temperature, 4), "fitted_on": fitted_on, "images": len(labels),
             "ece_before": round(expected_calibration_error(before, labels), 4),
             "ece_after": round(expected_calibration_error(after, labels), 4),
-            "ece_of_a_calibrated_model": round(ece_of_a_calibrated_model(after), 4),
             "nll_before": round(float(-np.log(before[np.arange(len(labels)), labels] + eps)
                                       .mean()), 4),
             "nll_after": round(float(-np.log(after[np.arange(len(labels)), labels] + eps)

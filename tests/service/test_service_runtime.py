@@ -16,7 +16,7 @@ from onnx import helper
 
 from service import runtime as rt
 from service.contract import ContractError, load_and_preprocess
-from service.model_store import read_gate, resolve_model, select_variant
+from service.model_store import int8_variant, read_gate, resolve_model, select_variant
 from tests.service.conftest import SERVER_ENV, serve
 
 
@@ -82,9 +82,10 @@ def exported(tiny_run, tmp_path_factory):
     # VNNI, int8 flips a photo or two of this barely trained model and the export's own gate,
     # correctly, refuses it).
     stored = resolve_model(result.tag)
-    for fp32_path in (result.onnx_path, stored.onnx_path):
-        gate_variants(fp32_path, fp32_path.with_name(result.int8_path.name), images, labels,
-                      torch_logits(model, images), budget=1.0)
+    for fp32_path, int8_path in ((result.onnx_path, result.int8_path),
+                                 (stored.onnx_path, int8_variant(stored).onnx_path)):
+        gate_variants(fp32_path, int8_path, images, labels, torch_logits(model, images),
+                      budget=1.0)
     return result, images, labels, torch_logits(model, images)
 
 
