@@ -5,14 +5,18 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-# glibc malloc returns freed pages to the OS on every step and then page-faults them back;
-# pinning them cut CPU training time 3-4x here (BENCHMARKS.md, trainer section).
-export MALLOC_MMAP_MAX_ ?= 0
-export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export PYTHONUNBUFFERED := 1
 export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: help setup test demo bench-collect soak-collect bench-train bench-attributes bench-serve loadtest soak lint clean bench-service container-check
+
+# glibc malloc returns freed pages to the OS on every step and then page-faults them back;
+# pinning them cut CPU training time 3-4x here (BENCHMARKS.md, trainer section). Only for the
+# targets that train inside their own process: `python -m trainer` sets them itself, and a
+# crawl or a server should give memory back.
+TRAINS_IN_PROCESS := test bench-train bench-attributes bench-serve
+$(TRAINS_IN_PROCESS): export MALLOC_MMAP_MAX_ ?= 0
+$(TRAINS_IN_PROCESS): export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
 help:  ## list the make commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/' | expand -t 18

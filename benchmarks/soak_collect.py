@@ -20,7 +20,7 @@ and over the second half; drift as in benchmarks/soak.py: the last fifth above t
 by more than --max-rss-growth-mb and still rising over the second half faster than
 --max-rss-slope-mb-per-min. (The crawl keeps a small record per stored image, to reuse a URL
 seen under two labels: some growth is by design.) The crawl runs without the MALLOC_*
-variables the Makefile exports for training (no mmap, never trim: glibc then keeps every
+variables training sets (`python -m trainer` and `make test`: no mmap, never trim: glibc then keeps every
 arena's high-water mark; in a 240 s soak the crawl's RSS went 80 -> 112 MB, +8.3 MB/min, with
 them and 76 -> 79 MB, +0.7 MB/min, without), so it is measured as `collector crawl` runs;
 --inherit-malloc-env keeps them.
@@ -105,9 +105,9 @@ class SoakCollectConfig(BaseSettings):
     max_rss_slope_mb_per_min: float = Field(1.0, gt=0, description=(
         "...and still rising faster than this over the second half"))
     inherit_malloc_env: bool = Field(False, description=(
-        "run the crawl with this environment's MALLOC_* variables (`make` exports training's "
-        "MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_; by default the crawl runs without them, "
-        "as `collector crawl` does)"))
+        "run the crawl with this environment's MALLOC_* variables (training's MALLOC_MMAP_MAX_=0 "
+        "and MALLOC_TRIM_THRESHOLD_, where set; by default the crawl runs without them, as "
+        "`collector crawl` does)"))
     timeout_s: float | None = Field(None, gt=0, description=(
         "stop the crawl (SIGINT) after this long; default 2 x duration + 300 s"))
     out: Path = Field(REPO / "bench_out" / "soak_collect", description="where results go")

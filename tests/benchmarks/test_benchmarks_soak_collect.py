@@ -22,7 +22,7 @@ from tests.conftest import DEMO_CATALOG
 
 
 def test_soak_collect_accounts_for_every_listed_image(tmp_path, monkeypatch):
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")   # what `make` exports
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")   # what `make test` exports
     config = SoakCollectConfig(duration_s=5, rate=40, catalog=DEMO_CATALOG, warmup_s=0,
                                sample_every_s=0.2, out=tmp_path)
     report = run_soak_collect(config)
