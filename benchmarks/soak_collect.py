@@ -20,10 +20,10 @@ and over the second half; drift as in benchmarks/soak.py: the last fifth above t
 by more than --max-rss-growth-mb and still rising over the second half faster than
 --max-rss-slope-mb-per-min. (The crawl keeps a small record per stored image, to reuse a URL
 seen under two labels: some growth is by design.) The crawl runs without the MALLOC_*
-variables training sets (`python -m trainer` and `make test`: no mmap, never trim: glibc then keeps every
-arena's high-water mark; in a 240 s soak the crawl's RSS went 80 -> 112 MB, +8.3 MB/min, with
-them and 76 -> 79 MB, +0.7 MB/min, without), so it is measured as `collector crawl` runs;
---inherit-malloc-env keeps them.
+variables that training sets (no mmap, never trim: glibc then keeps every arena's high-water
+mark; in a 240 s soak the crawl's RSS went 80 -> 112 MB, +8.3 MB/min, with them and 76 -> 79
+MB, +0.7 MB/min, without), so it is measured as `collector crawl` runs; --inherit-malloc-env
+keeps them.
 Accounting: every (label, product) the shop listed (its /_plan.json) must be one manifest row,
 at the image URL the shop offered, with a final status: ok / duplicate / conflict (stored),
 rejected, failed or blocked; none missing, none extra, none pending.
