@@ -1,0 +1,71 @@
+"""bench_train's small subsets on a tree shaped like clothing-small (train/ and validation/, real
+demo photos): the splits never share a photo, the held-out folder is every photo of the drawn
+labels the recipes did not train or validate on, and a tiny probe is scored on both test sets."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from benchmarks.bench_train import (
+    DEMO_CATALOG,
+    SUBSET_VAL_PER_LABEL,
+    BenchTrain,
+    comparisons,
+    heldout_folder,
+    make_subset,
+    run_one,
+)
+
+LABELS, PER_LABEL, VALIDATION_PHOTOS = 3, 8, 14
+
+
+def _clothing_small_shaped(root):
+    """4 demo labels: 16 photos under train/<label>/, 14 under validation/<label>/."""
+    for folder in sorted(p for p in DEMO_CATALOG.iterdir() if p.is_dir())[:4]:
+        photos = sorted(folder.glob("*.jpg"))
+        for split, chosen in (("train", photos[VALIDATION_PHOTOS:]),
+                              ("validation", photos[:VALIDATION_PHOTOS])):
+            (root / split / folder.name).mkdir(parents=True)
+            for photo in chosen:
+                (root / split / folder.name / photo.name).symlink_to(photo)
+    return root
+
+
+def _photos(folder):
+    return {(p.parent.name, p.resolve()) for p in folder.glob("**/*.jpg")}
+
+
+def test_the_held_out_folder_is_every_photo_of_the_labels_outside_train_and_val(tmp_path):
+    source = _clothing_small_shaped(tmp_path / "source")
+    subset = make_subset(source, tmp_path / "3x8-seed1", LABELS, PER_LABEL, seed=1)
+    train, val, test = (_photos(subset / split) for split in ("train", "val", "test"))
+    heldout = _photos(heldout_folder(subset))
+    labels = {label for label, _ in train}
+    assert len(labels) == LABELS and {label for label, _ in heldout} == labels
+    assert len(train) == LABELS * PER_LABEL and len(val) == LABELS * SUBSET_VAL_PER_LABEL
+    assert not (train & val) and not (train & heldout) and not (val & heldout)
+    assert test < heldout
+    every = {(label, p.resolve()) for label in labels for p in source.glob(f"*/{label}/*.jpg")}
+    assert heldout == every - train - val
+    # The same seed draws the same photos: the benchmark can be rerun or extended.
+    again = make_subset(source, tmp_path / "again", LABELS, PER_LABEL, seed=1)
+    assert _photos(again / "train") == train and _photos(heldout_folder(again)) == heldout
+
+
+def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path):
+    subset = make_subset(_clothing_small_shaped(tmp_path / "source"), tmp_path / "3x8-seed0",
+                         LABELS, PER_LABEL, seed=0)
+    bench = BenchTrain(out=tmp_path / "bench", threads=1,
+                       overrides={"epochs": 0, "head_epochs": 2, "image_size": 64})
+    row = run_one("probe", subset, tmp_path / "runs" / "probe", bench,
+                  Console(file=io.StringIO()), heldout_folder(subset))
+    assert row["images"] == len(_photos(subset / "test"))
+    assert row["heldout_images"] == len(_photos(heldout_folder(subset))) > row["images"]
+    assert 0 <= row["heldout_acc"] <= 1 and 0 <= row["heldout_macro_f1"] <= 1
+    rows = [{"dataset": "3x8", "seed": 0, **row},
+            {"dataset": "3x8", "seed": 0, **row, "recipe": "recipe", "heldout_acc": 1.0}]
+    gains = comparisons(rows)["3x8"]
+    assert gains["gain_acc"] == [0.0]
+    assert gains["gain_heldout_acc"] == [1.0 - row["heldout_acc"]]
