@@ -25,6 +25,7 @@ from service.runtime import (
     ONNXRUNTIME,
     OPENVINO,
     create_session,
+    int8_products_saturate,
     openvino_supports,
     variant_name,
 )
@@ -176,10 +177,32 @@ def head_refusal(gate: dict, variant: str, attributes: Iterable[str] = ()) -> st
     return None
 
 
-def gate_refusal(gate: dict, variant: str, path: Path,
-                 attributes: Iterable[str] = ()) -> str | None:
+def cpu_refusal(gate: dict, variant: str, saturates: bool | None = None) -> str | None:
+    """Why the gate's figure for `variant` does not hold on this CPU, or None.
+
+    ONNX Runtime's int8 kernels on an x86 CPU without VNNI can overflow with 8-bit weights
+    (`int8_products_saturate`; `saturates` overrides the probe of this CPU): 8-bit weights
+    checked on a CPU that has VNNI were not checked for this one. 7-bit weights, or a gate
+    measured on a CPU without VNNI, hold here."""
+    entry = gate.get("variants", {}).get(variant) or {}
+    if entry.get("runtime") != ONNXRUNTIME or entry.get("precision") != "int8":
+        return None
+    if entry.get("weight_bits", 8) < 8 or gate.get("int8_products_saturate"):
+        return None
+    if not (int8_products_saturate() if saturates is None else saturates):
+        return None
+    return (f"{variant}'s 8-bit weights were checked on a CPU with VNNI; this one has none "
+            "(x86, AVX2 only), where ONNX Runtime's int8 arithmetic can overflow, so that check "
+            "does not hold here: re-export with `trainer export RUN_DIR --int8 "
+            "--int8-reduce-range` (7-bit weights) or on a machine like this one, or serve "
+            "CLASSIFIER_PRECISION=fp32")
+
+
+def gate_refusal(gate: dict, variant: str, path: Path, attributes: Iterable[str] = (),
+                 saturates: bool | None = None) -> str | None:
     """Why the gate refuses `variant` (served from `path`), or None when it may serve.
-    `attributes`: the model's attribute heads, each of which must have passed too."""
+    `attributes`: the model's attribute heads, each of which must have passed too;
+    `saturates`: `cpu_refusal`'s."""
     entry = gate.get("variants", {}).get(variant)
     if entry is None:
         checked = sorted(name for name, e in gate.get("variants", {}).items() if e.get("passed"))
@@ -189,6 +212,8 @@ def gate_refusal(gate: dict, variant: str, path: Path,
         return f"{variant} could not be checked at export: {entry['error']}"
     if entry.get("sha256") and entry["sha256"] != file_sha256(path):
         return f"{path.name} changed since its accuracy was checked at export; re-export"
+    if refusal := cpu_refusal(gate, variant, saturates):
+        return refusal
     reference = gate["reference_val_acc"]
     drop = reference - entry["val_acc"]
     if drop > gate.get("budget", ACCURACY_BUDGET) + 1e-9:
@@ -205,15 +230,16 @@ def _runnable(model: ResolvedModel, runtime: str, precision: str) -> bool:
     return runtime != OPENVINO or openvino_supports(precision)
 
 
-def select_variant(model: ResolvedModel, runtime: str, precision: str,
-                   device: str = "cpu") -> tuple[ResolvedModel, str]:
+def select_variant(model: ResolvedModel, runtime: str, precision: str, device: str = "cpu",
+                   saturates: bool | None = None) -> tuple[ResolvedModel, str]:
     """The file and precision to serve on `runtime`, checked against the export's gate.
 
     precision auto: the fastest variant of this runtime that passed the gate, the main label
-    and every attribute head (fp32 on a GPU, whose speed the export did not measure, and for a
-    model without a gate). A variant the gate failed, for the label or any head, or did not
-    check, is refused with a ContractError; a model without any gate (not from `trainer
-    export`) is served as asked, with a warning.
+    and every attribute head, and whose check holds on this CPU (fp32 on a GPU, whose speed
+    the export did not measure, and for a model without a gate). A variant the gate failed,
+    for the label or any head, or did not check (on this kind of CPU), is refused with a
+    ContractError; a model without any gate (not from `trainer export`) is served as asked,
+    with a warning. `saturates`: `cpu_refusal`'s.
     """
     gate = model.gate
     attributes = list(model.contract.attributes or {})
@@ -224,8 +250,12 @@ def select_variant(model: ResolvedModel, runtime: str, precision: str,
                       for entry in gate.get("variants", {}).values()
                       if entry.get("runtime") == runtime and entry.get("passed")]
             for _, candidate in sorted(passed, reverse=True):
+                name = variant_name(runtime, candidate)
+                if refusal := cpu_refusal(gate, name, saturates):
+                    logger.warning("CLASSIFIER_PRECISION=auto skips %s: %s", name, refusal)
+                    continue
                 if _runnable(model, runtime, candidate) and head_refusal(
-                        gate, variant_name(runtime, candidate), attributes) is None:
+                        gate, name, attributes) is None:
                     precision = candidate
                     break
     served = int8_variant(model) if precision == "int8" else model
@@ -235,7 +265,7 @@ def select_variant(model: ResolvedModel, runtime: str, precision: str,
             logger.warning("%s carries no accuracy gate (not written by `trainer export`): "
                            "serving %s unchecked", model.onnx_path, variant)
         return served, precision
-    refusal = gate_refusal(gate, variant, served.onnx_path, attributes)
+    refusal = gate_refusal(gate, variant, served.onnx_path, attributes, saturates)
     if refusal and not (precision == "fp32" and variant not in gate.get("variants", {})):
         raise ContractError(f"CLASSIFIER_PRECISION={precision} on {runtime} refused: {refusal}")
     return served, precision

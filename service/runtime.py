@@ -100,6 +100,21 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def int8_products_saturate(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on an x86 CPU without VNNI (AVX2 only, e.g. AMD Zen 3, Intel before Ice Lake):
+    ONNX Runtime's uint8 x int8 kernels there add pairs of products in int16 (vpmaddubsw),
+    which 8-bit weights can overflow (2 x 255 x 127 > 32767) and 7-bit weights cannot
+    (`trainer export --int8 --int8-reduce-range`). False with VNNI, off x86, or unknown."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return False
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), None)
+    except OSError:
+        return False
+    return flags is not None and not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
 def choose_runtime(runtime: str = "auto", device: str = "auto") -> tuple[str, str]:
     """(runtime, device) to serve with: `runtime` is auto, onnxruntime or openvino.
 

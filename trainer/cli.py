@@ -58,6 +58,11 @@ class Export(BaseModel):
     save: bool = Field(True, description="save into the BentoML model store ($BENTOML_HOME)")
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo", description="torch.onnx exporter (dynamo: faster graph, measured)")
+    int8_reduce_range: bool = Field(False, description=(
+        "--int8 with 7-bit weights, for serving ONNX Runtime int8 on x86 CPUs without VNNI "
+        "(AVX2 only: Intel before Ice Lake / Cascade Lake, AMD before Zen 4), where 8-bit "
+        "weights can overflow its int16 sums; the service refuses 8-bit weights checked on a "
+        "VNNI CPU there. Costs a little accuracy where VNNI exists (BENCHMARKS.md)"))
     flip_tta: bool = Field(False, description=(
         "also write model.flip.onnx (logits of the photo and its mirror image averaged in the "
         "graph) and report its validation accuracy gain against its inference cost; off by "
@@ -66,8 +71,9 @@ class Export(BaseModel):
     def cli_cmd(self) -> None:
         from trainer.export import export
 
-        export(self.run_dir, int8=self.int8, name=self.name, save=self.save,
-               exporter=self.exporter, flip_tta=self.flip_tta)
+        export(self.run_dir, int8=self.int8 or self.int8_reduce_range, name=self.name, save=self.save,
+               exporter=self.exporter, flip_tta=self.flip_tta,
+               int8_reduce_range=self.int8_reduce_range)
 
 
 class Trainer(BaseSettings, cli_prog_name="trainer", cli_kebab_case=True,

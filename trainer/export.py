@@ -3,7 +3,8 @@
 Verification, in order: the ONNX model's logits match torch's on real validation photos
 (max abs difference, identical top-1), and its validation accuracy equals torch's. With
 --int8 a static QDQ per-channel copy is calibrated on training photos and reported with its
-speed and accuracy change. The graph work itself is `trainer/onnx_graph.py`.
+speed and accuracy change (with --int8-reduce-range its weights have 7 bits: see
+`service.runtime.int8_products_saturate`). The graph work itself is `trainer/onnx_graph.py`.
 
 Every file is written into a staging folder beside RUN/export and the folder renamed into place
 only when the export is complete (gate, store entry and export.json included): a kill -9 at any
@@ -58,10 +59,19 @@ def run_samples(run: RunDir, split: str) -> list[Sample]:
     return [Sample(Path(p), label) for p, label in info[f"{split}_samples"]]
 
 
+def calibration_photos(run: RunDir, contract, count: int, skipped: Skipped) -> np.ndarray:
+    """`count` training photos (a fixed draw) through the contract: int8's calibration set."""
+    train_samples = run_samples(run, "train")
+    pick = np.random.default_rng(0).choice(len(train_samples), min(count, len(train_samples)),
+                                           replace=False)
+    return EvalImages([train_samples[i] for i in sorted(pick)], contract, skipped,
+                      description="calibration photos").tensor.numpy()
+
+
 def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier",
            save: bool = True, exporter: str = "dynamo", parity_images: int = 32,
            calibration_images: int = 200, tolerance: float = 1e-3, flip_tta: bool = False,
-           console: Console | None = None) -> ExportResult:
+           int8_reduce_range: bool = False, console: Console | None = None) -> ExportResult:
     console = console or Console()
     run = RunDir(Path(run_dir))
     model, contract, checkpoint = load_trained(run.root)
@@ -113,14 +123,9 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     int8_path = None
     if int8:
         int8_path = out / INT8_FILE
-        train_samples = run_samples(run, "train")
-        rng = np.random.default_rng(0)
-        pick = rng.choice(len(train_samples), min(calibration_images, len(train_samples)),
-                          replace=False)
-        calib = EvalImages([train_samples[i] for i in sorted(pick)], contract, skipped,
-                           description="calibration photos").tensor.numpy()
+        calib = calibration_photos(run, contract, calibration_images, skipped)
         t0 = time.perf_counter()
-        quantize_int8(fp32_path, int8_path, calib)
+        quantize_int8(fp32_path, int8_path, calib, reduce_range=int8_reduce_range)
         sess8 = session(int8_path)
         acc_int8 = float((onnx_logits(sess8, images).argmax(1) == labels).mean())
         # Side by side, interleaved: the machine's load changes from minute to minute.
@@ -130,6 +135,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
             int8_rates.append(images_per_second(sess8, images, batch, repeats=3))
         fp32_rate, int8_rate = statistics.median(fp32_rates), statistics.median(int8_rates)
         report["int8"] = {"file": str(final / INT8_FILE), "calibration_images": len(calib),
+                          "weight_bits": 7 if int8_reduce_range else 8,
                           "val_acc": acc_int8, "val_acc_change": acc_int8 - acc_onnx,
                           "images_per_s_batch16": round(int8_rate, 1),
                           "fp32_images_per_s_batch16": round(fp32_rate, 1),
@@ -153,7 +159,8 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
     from trainer.variants import gate_variants  # every servable runtime + precision vs torch
 
     report["accuracy_gate"] = gate_variants(fp32_path, int8_path, images, labels, theirs,
-                                            heads=heads, console=console)
+                                            heads=heads, console=console,
+                                            int8_weight_bits=7 if int8_reduce_range else 8)
     tag = None
     if save:
         from service.model_store import save_to_store

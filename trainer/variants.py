@@ -25,7 +25,14 @@ from rich.table import Table
 
 from service.contract import ONNX_OUTPUT
 from service.model_store import ACCURACY_BUDGET, GATE_KEY, file_sha256
-from service.runtime import ONNXRUNTIME, OPENVINO, open_runtime, openvino_installed, variant_name
+from service.runtime import (
+    ONNXRUNTIME,
+    OPENVINO,
+    int8_products_saturate,
+    open_runtime,
+    openvino_installed,
+    variant_name,
+)
 
 if TYPE_CHECKING:
     from trainer.attributes import HeadReference
@@ -91,12 +98,14 @@ def gate_variants(fp32_path: Path, int8_path: Path | None, images: np.ndarray,
                   labels: np.ndarray, torch_logits: np.ndarray, *,
                   heads: dict[str, HeadReference] | None = None,
                   budget: float = ACCURACY_BUDGET, threads: int = GATE_THREADS,
-                  console: Console | None = None) -> dict:
+                  int8_weight_bits: int = 8, console: Console | None = None) -> dict:
     """Check every variant on `images` (the validation photos through the contract), write the
     result into fp32_path's metadata (`GATE_KEY`) and return it.
 
     `heads` (`trainer.attributes.head_references`): the attribute heads' torch logits and
-    truth on the same photos; every head of every variant is judged with the same budget."""
+    truth on the same photos; every head of every variant is judged with the same budget.
+    The gate also records whether int8 arithmetic saturates on this CPU and the int8 file's
+    weight bits (`service.model_store.cpu_refusal` reads them on the serving machine)."""
     console = console or Console()
     heads = heads or {}
     outputs = [ONNX_OUTPUT, *(head.output for head in heads.values())]
@@ -124,6 +133,7 @@ def gate_variants(fp32_path: Path, int8_path: Path | None, images: np.ndarray,
                               mine in zip(heads.items(), head_logits)}
         if precision == "int8":
             entry["sha256"] = file_sha256(path)  # the gate holds for this very file only
+            entry["weight_bits"] = int8_weight_bits
         entries[name] = entry
     reference = entries[REFERENCE]["val_acc"]
     head_reference = {name: entries[REFERENCE]["heads"][name]["val_acc"] for name in heads}
@@ -155,6 +165,7 @@ def gate_variants(fp32_path: Path, int8_path: Path | None, images: np.ndarray,
     gate = {"budget": budget, "reference": REFERENCE, "reference_val_acc": reference,
             "val_images": len(labels), "torch_val_acc": float((torch_top1 == labels).mean()),
             "speed": f"images/s at batch {SPEED_BATCH}, {threads} threads, on the export machine",
+            "int8_products_saturate": int8_products_saturate(),
             "default": default, "variants": entries}
     if heads:
         gate["heads"] = {name: {"output": ref.output, "val_known": int(ref.known.sum()),

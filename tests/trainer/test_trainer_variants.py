@@ -45,6 +45,88 @@ def test_default_is_the_fastest_variant_within_the_budget_and_is_said(gated):
     assert f"default serving variant: {gate['default']}" in output
 
 
+# --- int8 on CPUs without VNNI ---------------------------------------------------------------
+
+def _int8_weights(path):
+    """Every int8 weight tensor of a QDQ file (the initializers its DequantizeLinear nodes read)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    read = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    return [numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.name in read and t.data_type == onnx.TensorProto.INT8
+            and np.asarray(numpy_helper.to_array(t)).ndim == 4]
+
+
+def test_reduce_range_writes_7_bit_weights_and_the_gate_says_which(gated, tmp_path):
+    from service.runtime import int8_products_saturate
+    from trainer.data import EvalImages, Skipped
+    from trainer.export import run_samples
+    from trainer.onnx_graph import quantize_int8
+    from trainer.runs import RunDir, load_trained
+
+    result, _ = gated
+    gate = result.report["accuracy_gate"]
+    assert gate["variants"]["onnxruntime-int8"]["weight_bits"] == 8
+    assert gate["int8_products_saturate"] == int8_products_saturate()
+    eight = _int8_weights(result.int8_path)
+    assert eight and max(abs(int(w.min())) for w in eight) == 127  # symmetric 8-bit scales
+    run = RunDir(result.onnx_path.parents[1])
+    calibration = EvalImages(run_samples(run, "train")[:8], load_trained(run.root)[1],
+                             Skipped()).tensor.numpy()
+    seven_path = tmp_path / "model.int8.onnx"
+    quantize_int8(result.onnx_path, seven_path, calibration, reduce_range=True)
+    seven = _int8_weights(seven_path)
+    assert len(seven) == len(eight)
+    assert max(max(abs(int(w.min())), int(w.max())) for w in seven) <= 64  # 2*255*64 < 2**15
+
+
+def test_8_bit_weights_checked_with_vnni_are_refused_on_a_cpu_without_it(gated):
+    """`saturates` stands for the serving CPU (this machine cannot be both): an x86 CPU without
+    VNNI refuses int8 by name and auto passes over it, unless the weights have 7 bits or the
+    gate itself was measured on such a CPU; fp32 is never affected."""
+    import dataclasses
+
+    from service.contract import ContractError
+    from service.model_store import cpu_refusal, resolve_model, select_variant
+
+    result, _ = gated
+    gate = {**result.report["accuracy_gate"], "int8_products_saturate": False}
+    model = dataclasses.replace(resolve_model(str(result.onnx_path)), gate=gate)
+    assert "--int8-reduce-range" in cpu_refusal(gate, "onnxruntime-int8", saturates=True)
+    with pytest.raises(ContractError, match="checked on a CPU with VNNI"):
+        select_variant(model, "onnxruntime", "int8", saturates=True)
+    assert select_variant(model, "onnxruntime", "auto", saturates=True)[1] != "int8"
+    assert select_variant(model, "onnxruntime", "fp32", saturates=True)[1] == "fp32"
+    assert cpu_refusal(gate, "onnxruntime-int8", saturates=False) is None
+    assert cpu_refusal(gate, "onnxruntime-fp32", saturates=True) is None
+    measured_here = {**gate, "int8_products_saturate": True}
+    assert cpu_refusal(measured_here, "onnxruntime-int8", saturates=True) is None
+    seven = {**gate, "variants": {**gate["variants"], "onnxruntime-int8": {
+        **gate["variants"]["onnxruntime-int8"], "weight_bits": 7}}}
+    assert cpu_refusal(seven, "onnxruntime-int8", saturates=True) is None
+    if seven["variants"]["onnxruntime-int8"]["passed"]:
+        served = dataclasses.replace(model, gate=seven)
+        assert select_variant(served, "onnxruntime", "int8", saturates=True)[1] == "int8"
+
+
+def test_the_cpu_probe_reads_the_flags_line(tmp_path):
+    import platform
+
+    from service.runtime import int8_products_saturate
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the probe answers False off x86")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert int8_products_saturate(avx2) and not int8_products_saturate(vnni)
+    assert not int8_products_saturate(tmp_path / "missing")
+
+
 # --- every attribute head of every variant -------------------------------------------------
 
 def _head_negated(fp32_path, target, output="attr_colour"):
