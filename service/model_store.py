@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # what `trainer export --int8` writes beside model.onnx
 DEFAULT_MODEL_NAME = "product-classifier"
 GATE_KEY = "product_classifier.accuracy_gate"  # JSON in model.onnx's metadata_props
+FILES_KEY = "files"  # store entry metadata: {file name: sha256} of every file saved in it
 # A variant may lose at most 0.3 points of validation accuracy against ONNX Runtime fp32.
 ACCURACY_BUDGET = 0.003
 
@@ -90,11 +92,18 @@ def _without_none(value):
 
 def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
                   metrics: dict | None = None, extra_files: list[Path] | tuple = ()) -> str:
-    """Copy an exported ONNX model (and extras) into the BentoML model store; returns the tag."""
+    """Copy an exported ONNX model (and extras) into the BentoML model store; returns the tag.
+
+    BentoML copies a new entry into the store file by file, so a kill -9 during that copy
+    leaves a version folder with some files, or with a truncated one. Each file's sha256 goes
+    into the entry's metadata: `resolve_model` refuses an entry that does not match it, and
+    the next save of the same name removes such leftovers."""
     import bentoml  # imported here so reading a contract does not pay bentoml's import time
 
     contract, gate = _read(onnx_path)
-    metadata = {"contract": contract.model_dump(mode="json"), "metrics": metrics or {}}
+    files = {MODEL_FILE: Path(onnx_path), **{Path(extra).name: Path(extra) for extra in extra_files}}
+    metadata = {"contract": contract.model_dump(mode="json"), "metrics": metrics or {},
+                FILES_KEY: {name: file_sha256(path) for name, path in files.items()}}
     if gate is not None:  # repeated for `bentoml models get`; the file's copy is what counts
         metadata["accuracy_gate"] = gate
     metadata = _without_none(metadata)  # BentoML's metadata refuses None (unset = absent)
@@ -102,10 +111,46 @@ def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
     with bentoml.models.create(name, labels=labels, metadata=metadata,
                                module="product_classifier.onnx") as model_ref:
         target = Path(model_ref.path)
-        shutil.copyfile(onnx_path, target / MODEL_FILE)
-        for extra in extra_files:
-            shutil.copyfile(extra, target / Path(extra).name)
+        for file_name, path in files.items():
+            shutil.copyfile(path, target / file_name)
+    stored = bentoml.models.get(model_ref.tag)
+    if problem := entry_problem(Path(stored.path), stored.info.metadata):
+        raise ContractError(f"model '{stored.tag}' was not stored intact: {problem}")
+    remove_interrupted_saves(Path(stored.path).parent)
     return str(model_ref.tag)
+
+
+def entry_problem(entry: Path, metadata: dict) -> str | None:
+    """What is missing or different in a store entry against the checksums saved with it."""
+    for file_name, sha256 in (metadata.get(FILES_KEY) or {}).items():
+        path = entry / file_name
+        if not path.is_file():
+            return f"{file_name} is missing"
+        if file_sha256(path) != sha256:
+            return f"{file_name} does not match the checksum recorded when it was saved"
+    return None
+
+
+def remove_interrupted_saves(name_dir: Path, min_age_s: float = 600) -> None:
+    """Delete the version folders under `name_dir` that an interrupted save left: no
+    model.yaml (BentoML writes it with the files), or files that differ from their checksums.
+    Entries saved before checksums were recorded are kept as they are, and so is anything
+    touched in the last `min_age_s` seconds: another export may be copying it right now."""
+    import yaml
+
+    now = time.time()
+    for entry in sorted(p for p in name_dir.iterdir() if p.is_dir()):
+        if now - max(p.stat().st_mtime for p in [entry, *entry.iterdir()]) < min_age_s:
+            continue
+        info = entry / "model.yaml"
+        try:
+            metadata = (yaml.safe_load(info.read_text()) or {}).get("metadata") or {}
+            problem = entry_problem(entry, metadata) if info.is_file() else "no model.yaml"
+        except (OSError, yaml.YAMLError) as exc:
+            problem = f"model.yaml unreadable ({exc})"
+        if problem:
+            logger.warning("removing %s, left by an interrupted save: %s", entry, problem)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def resolve_model(ref: str) -> ResolvedModel:
@@ -115,13 +160,22 @@ def resolve_model(ref: str) -> ResolvedModel:
         contract, gate = _read(path)
         return ResolvedModel(path, contract, tag=str(path), gate=gate)
     import bentoml
-    from bentoml.exceptions import NotFound
+    from bentoml.exceptions import BentoMLException, NotFound
 
     try:
         model_ref = bentoml.models.get(ref)
     except NotFound as exc:
         raise ContractError(f"no model '{ref}' in the BentoML model store; train and export one "
                             "with `trainer export RUN_DIR`, or set the tag/path explicitly") from exc
+    except BentoMLException as exc:  # e.g. a version folder without model.yaml
+        raise ContractError(f"model '{ref}' in the BentoML model store cannot be read ({exc}); "
+                            "a save interrupted by a kill leaves such an entry: export again "
+                            "with `trainer export RUN_DIR`, which removes it") from exc
+    if problem := entry_problem(Path(model_ref.path), model_ref.info.metadata):
+        raise ContractError(f"model '{model_ref.tag}' is incomplete: {problem} (a save "
+                            "interrupted by a kill?); export again with `trainer export "
+                            f"RUN_DIR`, which removes it, or `bentoml models delete "
+                            f"{model_ref.tag}`")
     onnx_path = Path(model_ref.path) / MODEL_FILE
     contract, gate = _read(onnx_path)
     stored = model_ref.info.metadata.get("contract")
