@@ -101,9 +101,9 @@ def save_to_store(onnx_path: Path, *, name: str = DEFAULT_MODEL_NAME,
     import bentoml  # imported here so reading a contract does not pay bentoml's import time
 
     contract, gate = _read(onnx_path)
-    files = {MODEL_FILE: Path(onnx_path), **{Path(extra).name: Path(extra) for extra in extra_files}}
+    files = {MODEL_FILE: Path(onnx_path), **{Path(p).name: Path(p) for p in extra_files}}
     metadata = {"contract": contract.model_dump(mode="json"), "metrics": metrics or {},
-                FILES_KEY: {name: file_sha256(path) for name, path in files.items()}}
+                FILES_KEY: {file_name: file_sha256(p) for file_name, p in files.items()}}
     if gate is not None:  # repeated for `bentoml models get`; the file's copy is what counts
         metadata["accuracy_gate"] = gate
     metadata = _without_none(metadata)  # BentoML's metadata refuses None (unset = absent)

@@ -71,9 +71,9 @@ class Export(BaseModel):
     def cli_cmd(self) -> None:
         from trainer.export import export
 
-        export(self.run_dir, int8=self.int8 or self.int8_reduce_range, name=self.name, save=self.save,
-               exporter=self.exporter, flip_tta=self.flip_tta,
-               int8_reduce_range=self.int8_reduce_range)
+        export(self.run_dir, int8=self.int8 or self.int8_reduce_range,
+               int8_reduce_range=self.int8_reduce_range, name=self.name, save=self.save,
+               exporter=self.exporter, flip_tta=self.flip_tta)
 
 
 class Trainer(BaseSettings, cli_prog_name="trainer", cli_kebab_case=True,

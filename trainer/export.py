@@ -120,7 +120,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
 
     batch = min(16, len(images))
     report["fp32_images_per_s_batch16"] = round(images_per_second(sess, images, batch), 1)
-    int8_path = None
+    int8_path, weight_bits = None, 7 if int8_reduce_range else 8
     if int8:
         int8_path = out / INT8_FILE
         calib = calibration_photos(run, contract, calibration_images, skipped)
@@ -135,7 +135,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
             int8_rates.append(images_per_second(sess8, images, batch, repeats=3))
         fp32_rate, int8_rate = statistics.median(fp32_rates), statistics.median(int8_rates)
         report["int8"] = {"file": str(final / INT8_FILE), "calibration_images": len(calib),
-                          "weight_bits": 7 if int8_reduce_range else 8,
+                          "weight_bits": weight_bits,
                           "val_acc": acc_int8, "val_acc_change": acc_int8 - acc_onnx,
                           "images_per_s_batch16": round(int8_rate, 1),
                           "fp32_images_per_s_batch16": round(fp32_rate, 1),
@@ -160,7 +160,7 @@ def export(run_dir: Path, *, int8: bool = False, name: str = "product-classifier
 
     report["accuracy_gate"] = gate_variants(fp32_path, int8_path, images, labels, theirs,
                                             heads=heads, console=console,
-                                            int8_weight_bits=7 if int8_reduce_range else 8)
+                                            int8_weight_bits=weight_bits)
     tag = None
     if save:
         from service.model_store import save_to_store
