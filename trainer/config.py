@@ -102,6 +102,11 @@ class TrainConfig(BaseModel):
     cv_max_images: int = Field(2000, ge=10, description=(
         "'auto' cross-validates only up to this many train+val photos (cost: folds + 1 "
         "trainings)"))
+    wise_alpha: float | None = Field(None, gt=0, lt=1, description=(
+        "with cross-validation: also score the fine-tuned weights averaged with the head "
+        "phase's, (1 - a) x (ImageNet backbone + probe head) + a x fine-tuned (WiSE-FT, "
+        "Wortsman et al. 2022; 0.5 is the usual a): one model, no serving cost, exported "
+        "when it wins out of fold; off by default"))
     calibrate: bool = Field(True, description=(
         "fit a temperature on validation (or out-of-fold) logits so scores are calibrated; "
         "stored in the contract, ECE before/after in the model card"))
@@ -153,6 +158,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data folder {self.data} does not exist")
         if self.epochs == 0 and self.head_epochs == 0:
             raise ValueError("epochs and head_epochs are both 0: nothing to train")
+        if self.wise_alpha is not None and self.head_epochs == 0:
+            raise ValueError("wise_alpha averages with the head phase's weights: it needs "
+                             "head_epochs > 0")
         return self
 
 

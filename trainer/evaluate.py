@@ -63,7 +63,7 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     if data is None and selection.get("mode") == "cv":
         # Validation photos are in the refit's training set: judge the choice by what it was
         # chosen on, predictions of models that never saw each photo.
-        chosen = "finetune" if selection["finetune"] else "probe"
+        chosen = selection["summary"]["chosen"]
         oof = selection["oof"]
         samples = [Sample(Path(p), label) for p, label in zip(oof["paths"], oof["labels"])]
         logits, truth = np.asarray(oof["logits"][chosen]), np.asarray(oof["labels"])
@@ -218,14 +218,20 @@ def selection_lines(selection: dict, best: dict) -> list[str]:
                 (f"{selection.get('reason', 'best evaluation on validation')}: epoch "
                 f"{best.get('epoch')} ({best.get('phase')}) by validation macro-F1.")]
     summary = selection["summary"]
+    wise = all("wise_acc" in f for f in selection["folds"])
     return ["## Model selection", "", f"{selection['reason']}.", "",
             f"**Chosen: {summary['chosen']}.** {summary['why']}.", "",
-            "| fold | held-out photos | probe acc | fine-tuned acc | steps | wall s |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| fold | held-out photos | probe acc | fine-tuned acc | "
+            + ("WiSE-FT acc | " if wise else "") + "steps | wall s |",
+            "|---:|---:|---:|---:|" + ("---:|" if wise else "") + "---:|---:|",
             *[f"| {f['fold']} | {f['images']} | {f['probe_acc']:.4f} | {f['finetune_acc']:.4f} "
-              f"| {f['steps']} | {f['wall_s']} |" for f in selection["folds"]], "",
+              + (f"| {f['wise_acc']:.4f} " if wise else "") + f"| {f['steps']} | {f['wall_s']} |"
+              for f in selection["folds"]], "",
             ("The exported model is the chosen candidate refit on train+val with the same "
-            "fixed schedule.")]
+            "fixed schedule"
+            + (f" (WiSE-FT: {1 - selection['wise_alpha']:g} x the head phase's weights + "
+               f"{selection['wise_alpha']:g} x the fine-tuned ones)."
+               if selection.get("wise_alpha") else "."))]
 
 
 def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:

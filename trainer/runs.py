@@ -7,6 +7,7 @@ RUN_DIR/
   checkpoints/last.pt    everything --resume needs (model, optimizer, schedule, RNG, history)
   selection.json         how the exported model was chosen (cross-validation folds) + calibration
   checkpoints/best.pt    the model to export, with its contract (temperature included)
+  checkpoints/head.pt    the head phase's weights, with --wise-alpha (WiSE-FT averages them)
   report/                written by `trainer evaluate` (metrics, plots, MODEL_CARD.md)
   export/                written by `trainer export` (model.onnx, model.int8.onnx, export.json),
                          built in export.partial-PID-*/ and renamed into place when complete
@@ -52,6 +53,10 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def head(self) -> Path:
+        return self.root / "checkpoints" / "head.pt"
 
     @property
     def selection(self) -> Path:

@@ -560,12 +560,28 @@ def fine_tune_fold(model: Classifier, train_set: TrainImages, plan: Plan, config
 
 # --- model selection on a small validation split --------------------------------------------
 
+# Cross-validation candidates, simplest first: a tie goes to the earlier one.
+CANDIDATES = {"probe": "linear probe", "wise": "WiSE-FT average", "finetune": "fine-tuned"}
+
+
+def average_weights(start: dict, tuned: dict, alpha: float) -> dict:
+    """WiSE-FT: (1 - alpha) * start + alpha * tuned for every float tensor (integer counters
+    stay tuned's). Frozen stages and frozen BatchNorm statistics are the same in both."""
+    return {name: torch.lerp(start[name].to(value.dtype), value, alpha)
+            if value.is_floating_point() else value for name, value in tuned.items()}
+
+
+def weights_copy(model: Classifier) -> dict:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
 @dataclass
 class Selection:
     """How the exported model was chosen; saved as selection.json and in best.pt."""
     mode: str                          # "val" or "cv"
     reason: str
     finetune: bool = True              # False: the linear probe won (head phase only)
+    wise_alpha: float | None = None    # set: the fine-tuned weights averaged with the head's
     folds: list[dict] = field(default_factory=list)
     oof: dict | None = None            # out-of-fold logits of both candidates, per photo
     summary: dict = field(default_factory=dict)
@@ -629,8 +645,8 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
         feats = extract_features(probe_model, evaluated.tensor.split(config.eval_batch_size),
                                  len(evaluated), device, config.channels_last, progress,
                                  "cross-validation: backbone features")
-    oof = {"probe": np.zeros((len(labels), num_classes)),
-           "finetune": np.zeros((len(labels), num_classes))}
+    oof = {name: np.zeros((len(labels), num_classes)) for name in CANDIDATES
+           if name != "wise" or config.wise_alpha}
     for k, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         fold = TrainData(pool.labels, pool.contract, pool.train_set.subset(fit_idx), None,
                          class_weights(config, labels[fit_idx].tolist(), num_classes))
@@ -643,30 +659,38 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
         model = new_model(config, num_classes, device)
         train_head(model, feats[fit_idx], torch.as_tensor(labels[fit_idx]), config,
                    fold.loss_weights, device)
-        probe = model.head(feats[held_idx].to(device)).detach().float().cpu().numpy()
+        held = evaluated.tensor[held_idx]
+        logits = {"probe": model.head(feats[held_idx].to(device)).detach().float().cpu().numpy()}
+        start = weights_copy(model) if config.wise_alpha else None
         fine_tune_fold(model, fold.train_set, plan, config, device, fold.loss_weights, console,
                        f"fold {k + 1}/{n_splits}", processes)
-        tuned = predict(model, evaluated.tensor[held_idx], config.eval_batch_size, device,
-                        config.channels_last).numpy()
-        oof["probe"][held_idx], oof["finetune"][held_idx] = probe, tuned
+        logits["finetune"] = predict(model, held, config.eval_batch_size, device,
+                                     config.channels_last).numpy()
+        if start is not None:
+            model.load_state_dict(average_weights(start, model.state_dict(), config.wise_alpha))
+            logits["wise"] = predict(model, held, config.eval_batch_size, device,
+                                     config.channels_last).numpy()
+        for name, lg in logits.items():
+            oof[name][held_idx] = lg
         row = {"fold": k + 1, "images": len(held_idx), "train_images": len(fit_idx),
                "steps": plan.steps, "wall_s": round(time.perf_counter() - t0, 1),
                **{f"{name}_acc": round(float((lg.argmax(1) == labels[held_idx]).mean()), 4)
-                  for name, lg in (("probe", probe), ("finetune", tuned))},
-               "logits": {"probe": probe.round(4).tolist(), "finetune": tuned.round(4).tolist()}}
+                  for name, lg in logits.items()},
+               "logits": {name: lg.round(4).tolist() for name, lg in logits.items()}}
         folds.append(row)
-        console.print(f"fold {k + 1}/{n_splits}: probe {row['probe_acc']:.4f}, fine-tuned "
-                      f"{row['finetune_acc']:.4f} on {len(held_idx)} held-out photos "
-                      f"({row['wall_s']:.0f}s)")
+        console.print(f"fold {k + 1}/{n_splits}: " + ", ".join(
+            f"{CANDIDATES[name]} {row[f'{name}_acc']:.4f}" for name in logits)
+            + f" on {len(held_idx)} held-out photos ({row['wall_s']:.0f}s)")
         if processes.main:
             atomic_write_json(run.selection, {"mode": "cv", "folds": folds})
-    return decide(selection, folds, oof, labels, evaluated.samples, num_classes)
+    return decide(selection, folds, oof, labels, evaluated.samples, num_classes,
+                  config.wise_alpha)
 
 
 def decide(selection: Selection, folds: list[dict], oof: dict, labels: np.ndarray, samples,
-           num_classes: int) -> Selection:
-    """The candidate with the better out-of-fold macro-F1 (then accuracy); a tie goes to the
-    probe, the simpler and cheaper model."""
+           num_classes: int, wise_alpha: float | None = None) -> Selection:
+    """The candidate with the best out-of-fold macro-F1 (then accuracy); a tie goes to the
+    simpler one (`CANDIDATES` order): the probe, then the WiSE-FT average (`wise_alpha`)."""
     summary = {}
     for name, logits in oof.items():
         predicted = logits.argmax(1)
@@ -674,19 +698,34 @@ def decide(selection: Selection, folds: list[dict], oof: dict, labels: np.ndarra
                          "macro_f1": round(float(f1_score(labels, predicted, average="macro",
                                                           labels=list(range(num_classes)),
                                                           zero_division=0)), 4)}
-    ft, pr = summary["finetune"], summary["probe"]
-    finetune = (ft["macro_f1"], ft["acc"]) > (pr["macro_f1"], pr["acc"])
+    names = [name for name in CANDIDATES if name in oof]
+    chosen = max(names, key=lambda name: (summary[name]["macro_f1"], summary[name]["acc"],
+                                          -names.index(name)))
     disagree = int((oof["finetune"].argmax(1) != oof["probe"].argmax(1)).sum())
-    winner = "fine-tuned" if finetune else "linear probe"
-    summary["chosen"] = "finetune" if finetune else "probe"
-    summary["why"] = (f"{winner} wins out of fold on {len(labels)} photos: fine-tuned acc "
-                      f"{ft['acc']:.4f} / macro-F1 {ft['macro_f1']:.4f} vs probe "
-                      f"{pr['acc']:.4f} / {pr['macro_f1']:.4f} ({disagree} photos where they "
-                      "disagree)")
-    return Selection(selection.mode, selection.reason, finetune=finetune, folds=folds,
+    summary["chosen"] = chosen
+    summary["why"] = (f"{CANDIDATES[chosen]} wins out of fold on {len(labels)} photos: "
+                      + " vs ".join(f"{CANDIDATES[name]} acc {summary[name]['acc']:.4f} / "
+                                    f"macro-F1 {summary[name]['macro_f1']:.4f}"
+                                    for name in reversed(names))
+                      + f" ({disagree} photos where fine-tuned and probe disagree)")
+    return Selection(selection.mode, selection.reason, finetune=chosen != "probe",
+                     wise_alpha=wise_alpha if chosen == "wise" else None, folds=folds,
                      oof={"paths": [str(s.path) for s in samples], "labels": labels.tolist(),
                           "logits": {name: lg.round(4).tolist() for name, lg in oof.items()}},
                      summary=summary)
+
+
+def average_with_head_phase(run: RunDir, alpha: float, console: Console) -> None:
+    """best.pt's weights (the refit's last) averaged with the head phase's (head.pt): the
+    WiSE-FT model the cross-validation chose. Done once: best.pt records it (--resume)."""
+    checkpoint = load_checkpoint(run.best)
+    if checkpoint.get("wise_alpha") is not None:
+        return
+    start = load_checkpoint(run.head)["model"]
+    checkpoint["model"] = average_weights(start, checkpoint["model"], alpha)
+    checkpoint["wise_alpha"] = alpha
+    atomic_torch_save(checkpoint, run.best)
+    console.print(f"WiSE-FT: best.pt = {1 - alpha:g} x head phase + {alpha:g} x fine-tuned")
 
 
 # --- calibration and the final best.pt -------------------------------------------------------
@@ -697,7 +736,7 @@ def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainCo
     out-of-fold logits) and write it into best.pt's contract with how the model was chosen."""
     checkpoint = load_checkpoint(run.best)
     if selection.mode == "cv":
-        name = "finetune" if selection.finetune else "probe"
+        name = selection.summary["chosen"]
         logits = np.asarray(selection.oof["logits"][name])
         labels = np.asarray(selection.oof["labels"])
         fitted_on = f"out-of-fold logits of the {name} candidate ({len(labels)} photos)"
@@ -765,6 +804,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         if ema is not None:
             ema.load_state_dict(model.state_dict())
         state.head_done = True
+        if config.wise_alpha and processes.main:  # kept before last.pt says the head is done
+            atomic_torch_save({"model": weights_copy(model)}, run.head)
         checkpointer.record(state, row, model, model, optimizer, schedule, ema)
 
     model.freeze_stages(config.frozen_stages)
@@ -793,6 +834,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         state.epoch = epoch + 1
         checkpointer.record(state, row, model, eval_model, optimizer, schedule, ema)
 
+    if selection.wise_alpha and processes.main:
+        average_with_head_phase(run, selection.wise_alpha, console)
     calibration = (finalise(run, selection, data, config, device, console)
                    if processes.main else {})
     distributed.stop()  # the other processes wait for rank 0's files

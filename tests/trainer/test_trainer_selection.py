@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from trainer.calibration import (
     calibration_report,
@@ -19,7 +20,16 @@ from trainer.calibration import (
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate
 from trainer.runs import RunDir, load_checkpoint, load_trained
-from trainer.train import make_optimizer, make_schedule, plan_schedule, train
+from trainer.train import (
+    Selection,
+    average_weights,
+    average_with_head_phase,
+    decide,
+    make_optimizer,
+    make_schedule,
+    plan_schedule,
+    train,
+)
 
 
 def config(tmp_path, **knobs) -> TrainConfig:
@@ -146,3 +156,90 @@ def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
         floor = metrics["calibration"]["ece_of_a_calibrated_model"]
         assert 0 < floor < 1 and f"would show about {floor:.4f}" in card
     assert load_checkpoint(RunDir(tiny_run).best)["selection"]["mode"] == "val"
+
+
+# --- WiSE-FT: the fine-tuned weights averaged with the head phase's -------------------------
+
+def test_average_weights_interpolates_floats_and_keeps_counters():
+    start = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0)}
+    tuned = {"w": torch.tensor([2.0, 4.0, -2.0]), "bn.num_batches_tracked": torch.tensor(7)}
+    assert torch.equal(average_weights(start, tuned, 0.5)["w"], torch.tensor([1.0, 2.0, -1.0]))
+    assert torch.equal(average_weights(start, tuned, 1.0)["w"], tuned["w"])
+    assert torch.equal(average_weights(start, tuned, 0.0)["w"], start["w"])
+    assert int(average_weights(start, tuned, 0.5)["bn.num_batches_tracked"]) == 7
+
+
+def _oof(correct: dict[str, int], total: int = 10) -> tuple[dict, np.ndarray]:
+    """Out-of-fold logits for 2 labels where each candidate gets `correct[name]` photos right."""
+    labels = np.array([0, 1] * (total // 2))
+    oof = {}
+    for name, right in correct.items():
+        predicted = np.where(np.arange(total) < right, labels, 1 - labels)
+        oof[name] = np.eye(2)[predicted]
+    return oof, labels
+
+
+@pytest.mark.parametrize("correct, chosen", [
+    ({"probe": 7, "wise": 9, "finetune": 8}, "wise"),
+    ({"probe": 7, "wise": 8, "finetune": 8}, "wise"),      # tie: the simpler average
+    ({"probe": 8, "wise": 8, "finetune": 8}, "probe"),     # tie: the probe
+    ({"probe": 7, "wise": 8, "finetune": 9}, "finetune"),
+    ({"probe": 7, "finetune": 9}, "finetune"),             # without --wise-alpha
+])
+def test_cross_validation_picks_the_best_candidate_and_ties_go_to_the_simpler(correct, chosen):
+    oof, labels = _oof(correct)
+    alpha = 0.5 if "wise" in correct else None
+    picked = decide(Selection("cv", "test"), [], oof, labels,
+                    [type("S", (), {"path": f"{i}.jpg"}) for i in range(len(labels))], 2, alpha)
+    assert picked.summary["chosen"] == chosen
+    assert picked.finetune == (chosen != "probe")
+    assert picked.wise_alpha == (0.5 if chosen == "wise" else None)
+    for name in correct:
+        assert picked.summary[name]["acc"] == correct[name] / 10
+
+
+@pytest.fixture(scope="module")
+def wise_run(tiny_folder, tiny_train, tmp_path_factory):
+    """Cross-validation with the WiSE-FT candidate (--wise-alpha 0.5)."""
+    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
+                                                                "max_steps_per_epoch")}
+    out = tmp_path_factory.mktemp("wise") / "run"
+    result = train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, wise_alpha=0.5,
+                               **knobs))
+    evaluate(out)
+    return out, result
+
+
+def test_wise_ft_is_a_third_candidate_and_the_export_is_what_was_chosen(wise_run, tmp_path):
+    import shutil
+
+    out, result = wise_run
+    run = RunDir(out)
+    selection = json.loads(run.selection.read_text())
+    assert set(selection["oof"]["logits"]) == {"probe", "finetune", "wise"}
+    assert all({"probe_acc", "finetune_acc", "wise_acc"} <= set(f) for f in selection["folds"])
+    chosen = selection["summary"]["chosen"]
+    assert result.selection["summary"]["chosen"] == chosen
+    assert selection["wise_alpha"] == (0.5 if chosen == "wise" else None)
+    best, last = load_checkpoint(run.best), load_checkpoint(run.last)
+    head = load_checkpoint(run.head)["model"]
+    averaged = average_weights(head, last["model"], 0.5)
+    if chosen == "probe":  # no fine-tuning in the refit: best.pt is the head phase
+        assert all(torch.equal(best["model"][k], v) for k, v in head.items())
+    else:
+        expected = averaged if chosen == "wise" else last["model"]
+        assert all(torch.allclose(best["model"][k].float(), v.float()) for k, v in
+                   expected.items())
+    # Whatever was chosen here, the averaging itself on this run's own checkpoints: best.pt
+    # as the refit's last epoch leaves it, averaged once (a resume does not average again).
+    copy = RunDir(shutil.copytree(out, tmp_path / "copy"))
+    refit = {k: v for k, v in load_checkpoint(copy.best).items() if k != "wise_alpha"}
+    torch.save({**refit, "model": last["model"]}, copy.best)
+    for _ in range(2):
+        average_with_head_phase(copy, 0.5, Console(quiet=True))
+        redone = load_checkpoint(copy.best)
+        assert redone["wise_alpha"] == 0.5
+        assert all(torch.allclose(redone["model"][k].float(), v.float())
+                   for k, v in averaged.items())
+    card = (out / "report" / "MODEL_CARD.md").read_text()
+    assert "| WiSE-FT acc |" in card and selection["summary"]["why"] in card
