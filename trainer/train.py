@@ -583,7 +583,7 @@ class Selection:
     finetune: bool = True              # False: the linear probe won (head phase only)
     wise_alpha: float | None = None    # set: the fine-tuned weights averaged with the head's
     folds: list[dict] = field(default_factory=list)
-    oof: dict | None = None            # out-of-fold logits of both candidates, per photo
+    oof: dict | None = None            # out-of-fold logits of every candidate, per photo
     summary: dict = field(default_factory=dict)
 
 
