@@ -142,8 +142,12 @@ def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Cons
     wide = {}
     if heldout is not None:
         scores = evaluate(out, data=heldout, console=console)
+        calibration = scores["calibration"]
         wide = {"heldout_acc": scores["accuracy"], "heldout_macro_f1": scores["macro_f1"],
-                "heldout_images": scores["images"]}
+                "heldout_images": scores["images"],
+                "heldout_ece_before": calibration["ece_uncalibrated"],
+                "heldout_ece_after": calibration["ece_calibrated"],
+                "heldout_ece_floor": calibration["ece_of_a_calibrated_model"]}
     return {"recipe": recipe, "acc": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "images": metrics["images"], "evaluated_on": metrics["evaluated_on"], **wide,
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
@@ -235,6 +239,12 @@ def print_tables(console: Console, rows: list[dict]) -> None:
                           f"{mean_spread(c['probe_heldout_acc'])} (macro-F1 "
                           f"{mean_spread(c['probe_heldout_macro_f1'])}); gain per seed "
                           + ", ".join(f"{g:+.4f}" for g in c["gain_heldout_acc"]))
+    for r in rows:
+        if "heldout_ece_after" in r and r["recipe"] == "recipe":
+            console.print(f"{r['dataset']} seed {r['seed']}: ECE on {r['heldout_images']} "
+                          f"held-out photos {r['heldout_ece_before']:.4f} -> "
+                          f"{r['heldout_ece_after']:.4f} (a perfectly calibrated model: "
+                          f"{r['heldout_ece_floor']:.4f}; goal <= 0.03)")
         if name in SUBSETS:
             for acc, photos in (("acc", "test/"), ("heldout_acc", "held-out")):
                 if f"mean_gain_{acc}" in c:

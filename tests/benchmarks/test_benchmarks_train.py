@@ -64,6 +64,7 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path):
     assert row["images"] == len(_photos(subset / "test"))
     assert row["heldout_images"] == len(_photos(heldout_folder(subset))) > row["images"]
     assert 0 <= row["heldout_acc"] <= 1 and 0 <= row["heldout_macro_f1"] <= 1
+    assert 0 <= row["heldout_ece_after"] <= 1 and 0 <= row["heldout_ece_floor"] <= 1
     rows = [{"dataset": "3x8", "seed": 0, **row},
             {"dataset": "3x8", "seed": 0, **row, "recipe": "recipe", "heldout_acc": 1.0}]
     gains = comparisons(rows)["3x8"]
