@@ -7,10 +7,11 @@ Suites (each photo folder is built from symlinks under OUT/data, so every run is
 - subsets: 3 labels x 80 train photos and 10 labels x 30, several seeds (labels and photos
            drawn per seed), a validation split of 10 photos per label (small: the default
            cross-validates), scored on the rest of clothing-small's validation photos of those
-           labels (test/, 55-240 photos) and on every photo of those labels neither recipe
-           saw (held-out: that test/ plus the unused train/ photos, 700-3,000 photos, so one
-           photo is 0.03-0.15 points instead of 0.4-1.8); mean and spread over seeds; goal:
-           recipe - probe >= 2 points on average.
+           labels (test/: 28-109 photos per 3 x 80 seed) and on every photo of those labels
+           neither recipe saw (held-out: that test/ plus the unused train/ photos, 264-1,103
+           per 3 x 80 seed, about 3,000 for 10 x 30: one photo weighs 0.09-0.4 points there,
+           0.9-3.6 on test/); mean and spread over seeds; goal: recipe - probe >= 2 points on
+           average.
 - demo:    demo_data/catalog (10 labels x 30), 20 train / 4 val / 6 test photos per label.
 Printed side by side: accuracy, macro-F1, wall time, for the recipe and the probe.
 """
