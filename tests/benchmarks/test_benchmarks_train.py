@@ -15,6 +15,7 @@ from benchmarks.bench_train import (
     comparisons,
     heldout_folder,
     make_subset,
+    print_tables,
     run_one,
 )
 
@@ -65,8 +66,17 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path):
     assert row["heldout_images"] == len(_photos(heldout_folder(subset))) > row["images"]
     assert 0 <= row["heldout_acc"] <= 1 and 0 <= row["heldout_macro_f1"] <= 1
     assert 0 <= row["heldout_ece_after"] <= 1 and 0 <= row["heldout_ece_floor"] <= 1
-    rows = [{"dataset": "3x8", "seed": 0, **row},
-            {"dataset": "3x8", "seed": 0, **row, "recipe": "recipe", "heldout_acc": 1.0}]
-    gains = comparisons(rows)["3x8"]
+    rows = [{"dataset": "3x80", "seed": 0, **row},
+            {"dataset": "3x80", "seed": 0, **row, "recipe": "recipe", "heldout_acc": 1.0}]
+    gains = comparisons(rows)["3x80"]
     assert gains["gain_acc"] == [0.0]
     assert gains["gain_heldout_acc"] == [1.0 - row["heldout_acc"]]
+    printed = io.StringIO()
+    print_tables(Console(file=printed, width=300), rows)
+    lines = printed.getvalue().splitlines()
+    verdicts = [line for line in lines if line.startswith("3x80: recipe - probe")]
+    assert len(verdicts) == 2  # test/ and held-out, once each
+    assert "on test/ photos" in verdicts[0] and "missed" in verdicts[0]
+    assert "on held-out photos" in verdicts[1]
+    assert verdicts[1].endswith("met" if 1.0 - row["heldout_acc"] >= 0.02 else "missed")
+    assert sum(line.startswith("3x80 seed 0: ECE on") for line in lines) == 1
