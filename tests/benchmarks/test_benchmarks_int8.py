@@ -1,12 +1,16 @@
 """bench_int8 on a real (head-only Lite0) run: the three files it writes are what it says (fp32,
-8-bit and 7-bit int8 weights), and every figure is measured on the photos asked for."""
+8-bit and 7-bit int8 weights), every figure is measured on the photos asked for, and the
+"exact" reference really is the quantized graph computed in float."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks.bench_int8 import BenchInt8, run_bench
+import numpy as np
+
+from benchmarks.bench_int8 import BenchInt8, exact_session, run_bench
 from tests.conftest import DEMO_CATALOG
+from trainer.onnx_graph import onnx_logits, session
 
 
 def test_bench_int8_scores_fp32_and_both_int8_files_on_the_same_photos(tiny_run, tmp_path):
@@ -28,3 +32,17 @@ def test_bench_int8_scores_fp32_and_both_int8_files_on_the_same_photos(tiny_run,
         assert round(figures["accuracy"] * 12, 6).is_integer()
     # The two int8 files differ: the 7-bit one has half the weight resolution.
     assert (out / "model.int8.onnx").read_bytes() != (out / "model.int8-7bit.onnx").read_bytes()
+    for name in ("int8 8-bit", "int8 7-bit"):
+        assert {"exact_top1_agreement_with_fp32", "top1_agreement_with_exact",
+                "max_abs_logit_diff_vs_exact"} <= set(files[name])
+    # Exact = the graph's own arithmetic: on the fp32 file it is the optimized session's result;
+    # on an int8 file it is neither fp32's nor the int8 kernels' (it holds the weights' rounding,
+    # not the kernels' own).
+    reference = session(out / "model.onnx")
+    size = reference.get_inputs()[0].shape[2:]
+    images = np.random.default_rng(0).normal(size=(4, 3, *size)).astype(np.float32)
+    fp32 = onnx_logits(reference, images)
+    assert np.abs(onnx_logits(exact_session(out / "model.onnx", 2), images) - fp32).max() < 1e-4
+    exact = onnx_logits(exact_session(out / "model.int8.onnx", 2), images)
+    assert np.abs(exact - fp32).max() > 1e-4
+    assert not np.array_equal(exact, onnx_logits(session(out / "model.int8.onnx"), images))
