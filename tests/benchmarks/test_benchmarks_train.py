@@ -1,6 +1,7 @@
 """bench_train's small subsets on a tree shaped like clothing-small (train/ and validation/, real
 demo photos): the splits never share a photo, the held-out folder is every photo of the drawn
-labels the recipes did not train or validate on, and a tiny probe is scored on both test sets."""
+labels the recipes did not train or validate on (for the demo suite: every photo outside the
+catalogue), and a tiny probe is scored on both test sets."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from benchmarks.bench_train import (
     BenchTrain,
     comparisons,
     heldout_folder,
+    make_demo,
     make_subset,
     print_tables,
     run_one,
@@ -53,6 +55,28 @@ def test_the_held_out_folder_is_every_photo_of_the_labels_outside_train_and_val(
     # The same seed draws the same photos: the benchmark can be rerun or extended.
     again = make_subset(source, tmp_path / "again", LABELS, PER_LABEL, seed=1)
     assert _photos(again / "train") == train and _photos(heldout_folder(again)) == heldout
+
+
+def test_the_demo_held_out_folder_is_every_source_photo_outside_the_catalogue(tmp_path):
+    # clothing-small holds the catalogue's photos under the same names, and many more.
+    source = tmp_path / "source"
+    extra = set()
+    for folder in sorted(p for p in DEMO_CATALOG.iterdir() if p.is_dir()):
+        photos = sorted(folder.glob("*.jpg"))
+        for split, chosen in (("train", photos[:20]), ("validation", photos[20:])):
+            (source / split / folder.name).mkdir(parents=True)
+            for photo in chosen:
+                (source / split / folder.name / photo.name).symlink_to(photo)
+        for n, split in enumerate(("train", "train", "validation")):
+            other = source / split / folder.name / f"not-in-catalogue-{n}.jpg"
+            other.symlink_to(photos[n])
+            extra.add((folder.name, other.name))
+    demo = make_demo(tmp_path / "demo", source=source)
+    shown = {(p.parent.name, p.name) for p in demo.glob("*/*/*.jpg")}
+    assert len(shown) == 300 and not {name for _, name in shown} & {n for _, n in extra}
+    assert {(p.parent.name, p.name) for p in heldout_folder(demo).glob("*/*.jpg")} == extra
+    # Without clothing-small the suite runs on the catalogue alone.
+    assert not heldout_folder(make_demo(tmp_path / "alone")).exists()
 
 
 def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path):
