@@ -1,4 +1,5 @@
-"""Trainer fixtures: small real-photo ImageFolders and one tiny trained run shared by tests."""
+"""Trainer fixtures: small real-photo ImageFolders, one tiny trained run and its one int8 export,
+shared by tests."""
 
 from __future__ import annotations
 
@@ -49,3 +50,20 @@ def tiny_run(tiny_folder, tmp_path_factory) -> Path:
     train(TrainConfig(data=tiny_folder, out=out, **TINY_TRAIN))
     evaluate(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def int8_export(tiny_run):
+    """`trainer export --int8 --flip-tta` of the tiny run into the test session's model store as
+    `trainer-test-model`, and what it printed. The export and accuracy-gate tests share it: one
+    export with every variant gated takes 20-30 s here."""
+    import io
+
+    from rich.console import Console
+
+    from trainer.export import export
+
+    output = io.StringIO()
+    result = export(tiny_run, int8=True, name="trainer-test-model", flip_tta=True,
+                    console=Console(file=output, width=200))
+    return result, output.getvalue()

@@ -13,14 +13,14 @@ import pytest
 from service.contract import ONNX_INPUT, ONNX_OUTPUT
 from service.model_store import read_contract, resolve_model
 from trainer.data import EvalImages, Skipped
-from trainer.export import export, run_samples
+from trainer.export import run_samples
 from trainer.onnx_graph import onnx_logits, session, torch_logits
 from trainer.runs import RunDir, load_trained
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run):
-    return export(tiny_run, int8=True, name="trainer-test-model", flip_tta=True)
+def exported(int8_export):
+    return int8_export[0]
 
 
 def test_onnx_matches_torch_on_real_photos(exported, tiny_run):

@@ -3,21 +3,15 @@ validation photos, written into model.onnx's metadata, the fastest passing one t
 
 from __future__ import annotations
 
-import io
-
 import pytest
-from rich.console import Console
 
 from service.model_store import read_gate
-from trainer.export import export
 
 
 @pytest.fixture(scope="module")
-def gated(tiny_run):
+def gated(int8_export):
     pytest.importorskip("openvino")
-    output = io.StringIO()
-    result = export(tiny_run, int8=True, save=False, console=Console(file=output, width=200))
-    return result, output.getvalue()
+    return int8_export
 
 
 def test_every_variant_is_checked_and_written_into_the_model(gated):
