@@ -118,7 +118,7 @@ def make_subset(source: Path, target: Path, labels: int, per_label: int, seed: i
 def make_demo(target: Path, seed: int = 0, source: Path | None = None) -> Path:
     """The catalogue split 20 / 4 / 6 per label. Its photos are drawn from clothing-small: when
     `source` (clothing-small) is here, `heldout_folder(target)` gets every photo of it that the
-    catalogue lacks (~3,100; one photo weighs 0.03 points there, 1.7 on the 60 of test/)."""
+    catalogue lacks (3,109; one photo weighs 0.03 points there, 1.7 on the 60 of test/)."""
     rng = random.Random(seed)
     heldout = heldout_folder(target)
     for folder in (target, heldout):

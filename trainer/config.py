@@ -30,9 +30,9 @@ class TrainConfig(BaseModel):
     arch: str = Field("tf_efficientnet_lite0", description=(
         "backbone. Offline ImageNet weights (pip packages): tf_efficientnet_lite0 (224 px; "
         "cost 1x), tf_efficientnet_lite1 (240 px; ~2.4x Lite0's training step time here, 2 CPU "
-        "cores), tf_efficientnet_lite2 (260 px; ~3.4x; with --train-image-size 224 1.45x, and "
-        "480 steps scored 0.918 against Lite0's 0.900 on clothing-small in the same ~13 min; "
-        "serves 0.4-0.55x Lite0's images/s). torchvision mobilenet_v3_large | "
+        "cores), tf_efficientnet_lite2 (260 px; ~3.4x; with --image-size 224 1.45x, and 480 "
+        "steps scored 0.921 against Lite0's 0.900 on clothing-small in the same ~13 min, "
+        "serving 0.75x Lite0's fp32 images/s). torchvision mobilenet_v3_large | "
         "efficientnet_b0 | resnet50 download their weights when online"))
     weights: str = Field("default", description=(
         "'default' = the backbone's ImageNet weights; a PATH to a local .pth state dict; "
