@@ -90,3 +90,23 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, fitted_on: str) -
                                       .mean()), 4),
             "nll_after": round(float(-np.log(after[np.arange(len(labels)), labels] + eps)
                                      .mean()), 4)}
+
+
+def logit_spread(logits: np.ndarray) -> float:
+    """How sharp a model's logits are, whatever it predicts: the mean over photos of their
+    standard deviation across labels (blind to a per-photo shift, as softmax is)."""
+    return float(np.asarray(logits, dtype=np.float64).std(axis=1).mean())
+
+
+def carry_to_refit(calibration: dict, fold_spread: float, refit_spread: float) -> dict:
+    """A temperature fitted on the fold models' out-of-fold logits, carried to the model refit on
+    all of train+val. The refit is sharper than the fold models (the probe trains 1.5x the
+    steps on 1.5x the photos), so the same T leaves it overconfident: on 11 small clothing
+    sets the held-out ECE of the refit probe was up to 0.049 with T as fitted and at most 0.033
+    with T scaled by how much wider its logits spread than the fold models' on the same photos
+    (BENCHMARKS.md, 2026-12-07). No photo is left to fit the refit's own T on."""
+    ratio = refit_spread / fold_spread if fold_spread > 0 else 1.0
+    return {**calibration, "temperature": round(calibration["temperature"] * ratio, 4),
+            "temperature_out_of_fold": calibration["temperature"],
+            "refit_logit_scale": round(ratio, 4)}
+

@@ -77,6 +77,7 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
             logits = torch.cat([model(images.tensor[i:i + 64])
                                 for i in range(0, len(images), 64)]).numpy()
     # Scores as the service will give them: softmax(logits / contract.temperature).
+    fitted = checkpoint.get("calibration", {})
     probs = probabilities(logits, contract.temperature)
     predicted = probs.argmax(1)
     classes = list(range(len(labels)))
@@ -97,9 +98,12 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
             "ece_uncalibrated": expected_calibration_error(probabilities(logits), truth),
             "ece_calibrated": expected_calibration_error(probs, truth),
             "ece_of_a_calibrated_model": ece_of_a_calibrated_model(probs),
-            "fitted": checkpoint.get("calibration", {})},
+            "fitted": fitted},
         "selection": {k: v for k, v in selection.items() if k != "oof"},
     }
+    if "temperature_out_of_fold" in fitted:  # what the carry to the refit changed, here
+        metrics["calibration"]["ece_at_temperature_out_of_fold"] = expected_calibration_error(
+            probabilities(logits, fitted["temperature_out_of_fold"]), truth)
     heads = checkpoint.get("attributes") or {}
     if heads:  # per-attribute metrics (trainer.attributes, on the run's validation photos)
         metrics["attributes"] = {"evaluated_on": heads["evaluated_on"], **heads["metrics"]}
@@ -249,6 +253,11 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
         lines.append(f"- on the photos T was fitted on ({fitted['images']}): ECE "
                      f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}, NLL "
                      f"{fitted['nll_before']:.4f} -> {fitted['nll_after']:.4f}")
+    if "refit_logit_scale" in fitted:
+        lines.append(f"- carried to the model refit on train+val: T "
+                     f"{fitted['temperature_out_of_fold']:.3f} out of fold x "
+                     f"{fitted['refit_logit_scale']:.3f}, how much wider the refit's logits "
+                     "spread than the fold models' on the same photos")
     return lines
 
 

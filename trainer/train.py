@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from service.contract import ModelContract
 from trainer import distributed
-from trainer.calibration import calibration_report
+from trainer.calibration import calibration_report, carry_to_refit, logit_spread
 from trainer.config import TrainConfig, TrainerError, load_config, save_config
 from trainer.data import (
     DatasetSplits,
@@ -436,7 +436,7 @@ def summary_line(row: dict, improved: bool) -> str:
     return f"{label:>9}: {loss}{val}{row['images_per_s']:.1f} img/s  {row['wall_s']:.0f}s{mark}"
 
 
-# --- the run ----------------------------------------------------------------------------------
+# --- the run folder and its data --------------------------------------------------------------
 
 def open_run(config: TrainConfig, processes: Processes) -> tuple[TrainConfig, RunDir]:
     """The config to train with (a resumed run's own) and its run folder, config saved."""
@@ -659,23 +659,26 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
         model = new_model(config, num_classes, device)
         train_head(model, feats[fit_idx], torch.as_tensor(labels[fit_idx]), config,
                    fold.loss_weights, device)
-        held = evaluated.tensor[held_idx]
-        logits = {"probe": model.head(feats[held_idx].to(device)).detach().float().cpu().numpy()}
+        # Every candidate predicts all of train+val: the held-out fold is its out-of-fold
+        # prediction, and the spread of all its logits is what the refit's is compared with.
+        every = {"probe": model.head(feats.to(device)).detach().float().cpu().numpy()}
         start = weights_copy(model) if config.wise_alpha else None
         fine_tune_fold(model, fold.train_set, plan, config, device, fold.loss_weights, console,
                        f"fold {k + 1}/{n_splits}", processes)
-        logits["finetune"] = predict(model, held, config.eval_batch_size, device,
-                                     config.channels_last).numpy()
+        every["finetune"] = predict(model, evaluated.tensor, config.eval_batch_size, device,
+                                    config.channels_last).numpy()
         if start is not None:
             model.load_state_dict(average_weights(start, model.state_dict(), config.wise_alpha))
-            logits["wise"] = predict(model, held, config.eval_batch_size, device,
-                                     config.channels_last).numpy()
+            every["wise"] = predict(model, evaluated.tensor, config.eval_batch_size, device,
+                                    config.channels_last).numpy()
+        logits = {name: lg[held_idx] for name, lg in every.items()}
         for name, lg in logits.items():
             oof[name][held_idx] = lg
         row = {"fold": k + 1, "images": len(held_idx), "train_images": len(fit_idx),
                "steps": plan.steps, "wall_s": round(time.perf_counter() - t0, 1),
                **{f"{name}_acc": round(float((lg.argmax(1) == labels[held_idx]).mean()), 4)
                   for name, lg in logits.items()},
+               "logit_spread": {name: round(logit_spread(lg), 4) for name, lg in every.items()},
                "logits": {name: lg.round(4).tolist() for name, lg in logits.items()}}
         folds.append(row)
         console.print(f"fold {k + 1}/{n_splits}: " + ", ".join(
@@ -733,22 +736,35 @@ def average_with_head_phase(run: RunDir, alpha: float, console: Console) -> None
 def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainConfig,
              device: torch.device, console: Console) -> dict:
     """Fit the temperature (on validation logits of the best model, or on the winner's
-    out-of-fold logits) and write it into best.pt's contract with how the model was chosen."""
+    out-of-fold logits, carried to its refit) and write it into best.pt's contract with how the
+    model was chosen."""
     checkpoint = load_checkpoint(run.best)
+    model = build_model(config.arch, len(data.labels), weights="none")
+    model.load_state_dict(checkpoint["model"])
+    model.to(device)
     if selection.mode == "cv":
         name = selection.summary["chosen"]
         logits = np.asarray(selection.oof["logits"][name])
         labels = np.asarray(selection.oof["labels"])
         fitted_on = f"out-of-fold logits of the {name} candidate ({len(labels)} photos)"
     else:
-        model = build_model(config.arch, len(data.labels), weights="none")
-        model.load_state_dict(checkpoint["model"])
-        logits = predict(model.to(device), data.val_set.tensor, config.eval_batch_size,
-                         device).numpy()
+        logits = predict(model, data.val_set.tensor, config.eval_batch_size, device).numpy()
         labels = data.val_set.labels.numpy()
         fitted_on = f"validation logits of the selected model ({len(labels)} photos)"
-    calibration = calibration_report(logits, labels, fitted_on) if config.calibrate else {
-        "temperature": 1.0, "fitted_on": "not calibrated (--no-calibrate)"}
+    if not config.calibrate:
+        calibration = {"temperature": 1.0, "fitted_on": "not calibrated (--no-calibrate)"}
+    else:
+        calibration = calibration_report(logits, labels, fitted_on)
+        fold_spreads = [fold["logit_spread"][name] for fold in selection.folds
+                        if name in fold.get("logit_spread", {})]
+        if fold_spreads:  # cross-validated (by a version that kept the spreads)
+            with progress_bar(console) as progress:
+                pool = EvalImages(data.train_set.samples, data.contract, Skipped(),
+                                  progress=progress, description="refit: train+val photos")
+            refit = predict(model, pool.tensor, config.eval_batch_size, device,
+                            config.channels_last).numpy()
+            calibration = carry_to_refit(calibration, float(np.mean(fold_spreads)),
+                                         logit_spread(refit))
     contract = ModelContract.model_validate(checkpoint["contract"]).model_copy(
         update={"temperature": calibration["temperature"]})
     checkpoint["contract"] = contract.model_dump()
@@ -757,8 +773,11 @@ def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainCo
     atomic_torch_save(checkpoint, run.best)
     atomic_write_json(run.selection, {**asdict(selection), "calibration": calibration})
     if config.calibrate:
-        console.print(f"temperature {calibration['temperature']:.3f} (fitted on {fitted_on}): "
-                      f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")
+        carried = (f", x{calibration['refit_logit_scale']:.3f} for the refit's sharper logits"
+                   if "refit_logit_scale" in calibration else "")
+        console.print(f"temperature {calibration['temperature']:.3f} (fitted on {fitted_on}"
+                      f"{carried}): ECE {calibration['ece_before']:.4f} -> "
+                      f"{calibration['ece_after']:.4f}")
     return calibration
 
 

@@ -4,17 +4,21 @@ linear probe, and scores are calibrated by a temperature the contract carries.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
+from service.contract import load_and_preprocess
 from trainer.calibration import (
     calibration_report,
+    carry_to_refit,
     ece_of_a_calibrated_model,
     expected_calibration_error,
     fit_temperature,
+    logit_spread,
     probabilities,
 )
 from trainer.config import TrainConfig
@@ -99,6 +103,20 @@ def test_temperature_does_not_sharpen_on_held_out_photos_with_no_error():
     assert probabilities(logits, temperature).max(1).mean() < 0.995
 
 
+def test_a_refit_twice_as_sharp_gets_twice_the_temperature():
+    rng = np.random.default_rng(2)
+    folds = rng.normal(size=(60, 4)) * 3
+    refit = 2 * folds + rng.normal(size=(60, 1))  # a per-photo shift: softmax ignores it
+    carried = carry_to_refit({"temperature": 0.5, "ece_after": 0.02}, logit_spread(folds),
+                             logit_spread(refit))
+    assert carried["refit_logit_scale"] == pytest.approx(2.0, rel=1e-3)
+    assert carried["temperature"] == pytest.approx(1.0, rel=1e-3)
+    assert carried["temperature_out_of_fold"] == 0.5 and carried["ece_after"] == 0.02
+    # the refit's calibrated scores are the fold models' calibrated scores
+    np.testing.assert_allclose(probabilities(refit, carried["temperature"]),
+                               probabilities(folds, 0.5), atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def cv_run(tiny_folder, tiny_train, tmp_path_factory):
     """The default selection on a validation split of 8 photos: cross-validation."""
@@ -139,6 +157,32 @@ def test_report_says_what_was_chosen_and_why(cv_run):
     summary = json.loads(RunDir(out).selection.read_text())["summary"]
     assert f"**Chosen: {summary['chosen']}.**" in card and summary["why"] in card
     assert "| fold | held-out photos | probe acc | fine-tuned acc |" in card
+
+
+def test_the_refit_gets_the_out_of_fold_temperature_scaled_to_its_logits(cv_run):
+    out, _ = cv_run
+    model, contract, checkpoint = load_trained(out)
+    fitted = checkpoint["calibration"]
+    selection = json.loads(RunDir(out).selection.read_text())
+    chosen = selection["summary"]["chosen"]
+    fold_spread = np.mean([fold["logit_spread"][chosen] for fold in selection["folds"]])
+    photos = np.stack([load_and_preprocess(Path(p).read_bytes(), contract)
+                       for p in selection["oof"]["paths"]])  # train+val, what the refit saw
+    with torch.no_grad():
+        refit = model(torch.from_numpy(photos)).numpy()
+    ratio = logit_spread(refit) / fold_spread
+    assert fitted["refit_logit_scale"] == pytest.approx(ratio, rel=1e-3)
+    assert contract.temperature == pytest.approx(fitted["temperature_out_of_fold"] * ratio,
+                                                 rel=1e-3)
+    assert fitted["temperature_out_of_fold"] == pytest.approx(fit_temperature(
+        np.asarray(selection["oof"]["logits"][chosen]), np.asarray(selection["oof"]["labels"])),
+        abs=1e-4)
+    card = (out / "report" / "MODEL_CARD.md").read_text()
+    assert f"T {fitted['temperature_out_of_fold']:.3f} out of fold x {ratio:.3f}" in card
+    # The evaluation reports the ECE with the uncarried T beside it (here on the same photos).
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["calibration"]["ece_at_temperature_out_of_fold"] == pytest.approx(
+        fitted["ece_after"], abs=1e-4)
 
 
 def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
