@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: help setup test demo bench-collect soak-collect bench-train bench-int8 bench-attributes bench-serve loadtest soak lint clean bench-service container-check
+.PHONY: help setup test demo bench-collect soak-collect bench-train bench-calibration bench-int8 bench-attributes bench-serve loadtest soak lint clean bench-service container-check
 
 # glibc malloc returns freed pages to the OS on every step and then page-faults them back;
 # pinning them cut CPU training time 3-4x here (BENCHMARKS.md, trainer section). Only for the
 # targets that train inside their own process: `python -m trainer` sets them itself, and a
 # crawl or a server should give memory back.
-TRAINS_IN_PROCESS := test bench-train bench-attributes bench-serve
+TRAINS_IN_PROCESS := test bench-train bench-calibration bench-attributes bench-serve
 $(TRAINS_IN_PROCESS): export MALLOC_MMAP_MAX_ ?= 0
 $(TRAINS_IN_PROCESS): export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
@@ -62,6 +62,9 @@ soak-collect: $(STAMP)  ## crawl the demo shop with every fault on for COLLECT_S
 # --- trainer (trainer/) ---------------------------------------------------------------------
 bench-train: $(STAMP)  ## default recipe vs linear probe: clothing-small, small subsets over seeds, demo catalogue
 	$(PY) -m benchmarks.bench_train $(BENCH_TRAIN_ARGS)
+
+bench-calibration: $(STAMP)  ## the probe's out-of-fold temperature on its refit: held-out ECE as fitted vs carried
+	$(PY) -m benchmarks.bench_calibration $(BENCH_CALIBRATION_ARGS)
 
 bench-int8: $(STAMP)  ## int8 with 8-bit vs 7-bit weights (--int8-reduce-range) vs fp32: accuracy, speed (RUN=run folder DATA=photos)
 	@test -n "$(RUN)" -a -n "$(DATA)" || { echo "usage: make bench-int8 RUN=RUN_DIR DATA=PHOTO_FOLDER"; exit 2; }

@@ -21,27 +21,16 @@ from benchmarks.bench_train import (
     run_one,
 )
 
-LABELS, PER_LABEL, VALIDATION_PHOTOS = 3, 8, 14
-
-
-def _clothing_small_shaped(root):
-    """4 demo labels: 16 photos under train/<label>/, 14 under validation/<label>/."""
-    for folder in sorted(p for p in DEMO_CATALOG.iterdir() if p.is_dir())[:4]:
-        photos = sorted(folder.glob("*.jpg"))
-        for split, chosen in (("train", photos[VALIDATION_PHOTOS:]),
-                              ("validation", photos[:VALIDATION_PHOTOS])):
-            (root / split / folder.name).mkdir(parents=True)
-            for photo in chosen:
-                (root / split / folder.name / photo.name).symlink_to(photo)
-    return root
+LABELS, PER_LABEL = 3, 8
 
 
 def _photos(folder):
     return {(p.parent.name, p.resolve()) for p in folder.glob("**/*.jpg")}
 
 
-def test_the_held_out_folder_is_every_photo_of_the_labels_outside_train_and_val(tmp_path):
-    source = _clothing_small_shaped(tmp_path / "source")
+def test_the_held_out_folder_is_every_photo_of_the_labels_outside_train_and_val(
+        tmp_path, clothing_small_shaped):
+    source = clothing_small_shaped
     subset = make_subset(source, tmp_path / "3x8-seed1", LABELS, PER_LABEL, seed=1)
     train, val, test = (_photos(subset / split) for split in ("train", "val", "test"))
     heldout = _photos(heldout_folder(subset))
@@ -79,8 +68,9 @@ def test_the_demo_held_out_folder_is_every_source_photo_outside_the_catalogue(tm
     assert not heldout_folder(make_demo(tmp_path / "alone")).exists()
 
 
-def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path):
-    subset = make_subset(_clothing_small_shaped(tmp_path / "source"), tmp_path / "3x8-seed0",
+def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
+                                                                 clothing_small_shaped):
+    subset = make_subset(clothing_small_shaped, tmp_path / "3x8-seed0",
                          LABELS, PER_LABEL, seed=0)
     bench = BenchTrain(out=tmp_path / "bench", threads=1,
                        overrides={"epochs": 0, "head_epochs": 2, "image_size": 64})
