@@ -659,26 +659,28 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
         model = new_model(config, num_classes, device)
         train_head(model, feats[fit_idx], torch.as_tensor(labels[fit_idx]), config,
                    fold.loss_weights, device)
-        # Every candidate predicts all of train+val: the held-out fold is its out-of-fold
-        # prediction, and the spread of all its logits is what the refit's is compared with.
-        every = {"probe": model.head(feats.to(device)).detach().float().cpu().numpy()}
+        # The probe (a head on cached features: free) predicts all of train+val: the held-out
+        # fold is its out-of-fold prediction, and the spread of all its logits is what the
+        # refit probe's is compared with in finalise.
+        probe_everywhere = model.head(feats.to(device)).detach().float().cpu().numpy()
+        logits = {"probe": probe_everywhere[held_idx]}
+        held = evaluated.tensor[held_idx]
         start = weights_copy(model) if config.wise_alpha else None
         fine_tune_fold(model, fold.train_set, plan, config, device, fold.loss_weights, console,
                        f"fold {k + 1}/{n_splits}", processes)
-        every["finetune"] = predict(model, evaluated.tensor, config.eval_batch_size, device,
-                                    config.channels_last).numpy()
+        logits["finetune"] = predict(model, held, config.eval_batch_size, device,
+                                     config.channels_last).numpy()
         if start is not None:
             model.load_state_dict(average_weights(start, model.state_dict(), config.wise_alpha))
-            every["wise"] = predict(model, evaluated.tensor, config.eval_batch_size, device,
-                                    config.channels_last).numpy()
-        logits = {name: lg[held_idx] for name, lg in every.items()}
+            logits["wise"] = predict(model, held, config.eval_batch_size, device,
+                                     config.channels_last).numpy()
         for name, lg in logits.items():
             oof[name][held_idx] = lg
         row = {"fold": k + 1, "images": len(held_idx), "train_images": len(fit_idx),
                "steps": plan.steps, "wall_s": round(time.perf_counter() - t0, 1),
                **{f"{name}_acc": round(float((lg.argmax(1) == labels[held_idx]).mean()), 4)
                   for name, lg in logits.items()},
-               "logit_spread": {name: round(logit_spread(lg), 4) for name, lg in every.items()},
+               "probe_logit_spread": round(logit_spread(probe_everywhere), 4),
                "logits": {name: lg.round(4).tolist() for name, lg in logits.items()}}
         folds.append(row)
         console.print(f"fold {k + 1}/{n_splits}: " + ", ".join(
@@ -736,8 +738,8 @@ def average_with_head_phase(run: RunDir, alpha: float, console: Console) -> None
 def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainConfig,
              device: torch.device, console: Console) -> dict:
     """Fit the temperature (on validation logits of the best model, or on the winner's
-    out-of-fold logits, carried to its refit) and write it into best.pt's contract with how the
-    model was chosen."""
+    out-of-fold logits, carried to a refit probe) and write it into best.pt's contract with how
+    the model was chosen."""
     checkpoint = load_checkpoint(run.best)
     model = build_model(config.arch, len(data.labels), weights="none")
     model.load_state_dict(checkpoint["model"])
@@ -755,9 +757,14 @@ def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainCo
         calibration = {"temperature": 1.0, "fitted_on": "not calibrated (--no-calibrate)"}
     else:
         calibration = calibration_report(logits, labels, fitted_on)
-        fold_spreads = [fold["logit_spread"][name] for fold in selection.folds
-                        if name in fold.get("logit_spread", {})]
-        if fold_spreads:  # cross-validated (by a version that kept the spreads)
+        fold_spreads = [fold["probe_logit_spread"] for fold in selection.folds
+                        if "probe_logit_spread" in fold]
+        if selection.mode == "cv" and name == "probe" and fold_spreads:
+            # The refit probe trains 1.5x the fold probes' steps and is sharper than they are
+            # (trainer.calibration.carry_to_refit). A fine-tuned model fits the photos it
+            # trained on far more tightly than a linear head does, so its spread on photos the
+            # refit saw and the folds partly did not says little about new photos: its T stays
+            # as fitted.
             with progress_bar(console) as progress:
                 pool = EvalImages(data.train_set.samples, data.contract, Skipped(),
                                   progress=progress, description="refit: train+val photos")

@@ -128,6 +128,17 @@ def cv_run(tiny_folder, tiny_train, tmp_path_factory):
     return out, result
 
 
+@pytest.fixture(scope="module")
+def cv_run_probe_wins(tiny_folder, tiny_train, tmp_path_factory):
+    """cv_run with a learning rate that wrecks fine-tuning: the probe is chosen and refit."""
+    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
+                                                                "max_steps_per_epoch")}
+    out = tmp_path_factory.mktemp("cv-probe") / "run"
+    train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, lr=30.0, **knobs))
+    evaluate(out)
+    return out
+
+
 def test_small_validation_is_cross_validated_against_the_probe(cv_run, tiny_folder):
     out, result = cv_run
     selection = json.loads(RunDir(out).selection.read_text())
@@ -159,28 +170,36 @@ def test_report_says_what_was_chosen_and_why(cv_run):
     assert "| fold | held-out photos | probe acc | fine-tuned acc |" in card
 
 
-def test_the_refit_gets_the_out_of_fold_temperature_scaled_to_its_logits(cv_run):
-    out, _ = cv_run
+@pytest.mark.parametrize("run", ["cv_run_probe_wins", "cv_run"])
+def test_a_refit_probe_gets_the_out_of_fold_temperature_scaled_to_its_logits(run, request):
+    out = request.getfixturevalue(run)
+    out = out[0] if isinstance(out, tuple) else out
     model, contract, checkpoint = load_trained(out)
     fitted = checkpoint["calibration"]
     selection = json.loads(RunDir(out).selection.read_text())
     chosen = selection["summary"]["chosen"]
-    fold_spread = np.mean([fold["logit_spread"][chosen] for fold in selection["folds"]])
+    assert chosen == ("probe" if run == "cv_run_probe_wins" else "finetune")
+    assert fitted["temperature_out_of_fold" if chosen == "probe" else "temperature"] == \
+        pytest.approx(fit_temperature(np.asarray(selection["oof"]["logits"][chosen]),
+                                      np.asarray(selection["oof"]["labels"])), abs=1e-4)
+    card = (out / "report" / "MODEL_CARD.md").read_text()
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    if chosen == "finetune":  # a fine-tuned refit keeps the out-of-fold T
+        assert "refit_logit_scale" not in fitted and "carried to the model refit" not in card
+        assert "ece_at_temperature_out_of_fold" not in metrics["calibration"]
+        assert contract.temperature == fitted["temperature"]
+        return
     photos = np.stack([load_and_preprocess(Path(p).read_bytes(), contract)
                        for p in selection["oof"]["paths"]])  # train+val, what the refit saw
     with torch.no_grad():
         refit = model(torch.from_numpy(photos)).numpy()
-    ratio = logit_spread(refit) / fold_spread
+    ratio = logit_spread(refit) / np.mean([fold["probe_logit_spread"]
+                                           for fold in selection["folds"]])
     assert fitted["refit_logit_scale"] == pytest.approx(ratio, rel=1e-3)
     assert contract.temperature == pytest.approx(fitted["temperature_out_of_fold"] * ratio,
                                                  rel=1e-3)
-    assert fitted["temperature_out_of_fold"] == pytest.approx(fit_temperature(
-        np.asarray(selection["oof"]["logits"][chosen]), np.asarray(selection["oof"]["labels"])),
-        abs=1e-4)
-    card = (out / "report" / "MODEL_CARD.md").read_text()
     assert f"T {fitted['temperature_out_of_fold']:.3f} out of fold x {ratio:.3f}" in card
     # The evaluation reports the ECE with the uncarried T beside it (here on the same photos).
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["calibration"]["ece_at_temperature_out_of_fold"] == pytest.approx(
         fitted["ece_after"], abs=1e-4)
 
