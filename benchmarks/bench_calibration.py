@@ -2,12 +2,13 @@
 hold for the probe refit on all of train+val, which is what gets exported when the
 cross-validation picks the probe? Held-out ECE with T as fitted, and with T carried to the
 refit (`trainer.calibration.carry_to_refit`: scaled by how much wider the refit's logits spread
-than the fold models' on the same photos), side by side.
+than the fold probes' on the same photos), side by side.
 
 Only the probe is trained, on frozen Lite0 features computed once per set (seconds), so many
 sets fit in a few minutes: the small subsets and the demo catalogue of `make bench-train`, with
-its photo folders and held-out photos. `make bench-train` measures the whole default recipe,
-fine-tuning included, the same way (`heldout_ece_out_of_fold_t` beside `heldout_ece_after`).
+its photo folders and held-out photos. `make bench-train` measures the whole default recipe
+(`heldout_ece_out_of_fold_t` beside `heldout_ece_after` where the probe was chosen; a
+fine-tuned refit keeps T as fitted).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Cons
                 "heldout_ece_before": calibration["ece_uncalibrated"],
                 "heldout_ece_after": calibration["ece_calibrated"],
                 "heldout_ece_floor": calibration["ece_of_a_calibrated_model"]}
-        if "ece_at_temperature_out_of_fold" in calibration:  # a refit after cross-validation
+        if "ece_at_temperature_out_of_fold" in calibration:  # a probe refit after cross-validation
             wide["heldout_ece_out_of_fold_t"] = calibration["ece_at_temperature_out_of_fold"]
     return {"recipe": recipe, "acc": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "images": metrics["images"], "evaluated_on": metrics["evaluated_on"], **wide,
@@ -276,7 +276,7 @@ def print_tables(console: Console, rows: list[dict]) -> None:
                           f"{r['heldout_ece_after']:.4f} (a perfectly calibrated model: "
                           f"{r['heldout_ece_floor']:.4f}; goal <= 0.03)"
                           + (f"; {r['heldout_ece_out_of_fold_t']:.4f} with the out-of-fold T "
-                             "not carried to the refit" if "heldout_ece_out_of_fold_t" in r
+                             "not carried to the probe refit" if "heldout_ece_out_of_fold_t" in r
                              else ""))
     for r in rows:
         if r["dataset"] == "clothing-small" and r["recipe"] == "recipe":

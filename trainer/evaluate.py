@@ -254,10 +254,10 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
                      f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}, NLL "
                      f"{fitted['nll_before']:.4f} -> {fitted['nll_after']:.4f}")
     if "refit_logit_scale" in fitted:
-        lines.append(f"- carried to the model refit on train+val: T "
+        lines.append(f"- carried to the probe refit on train+val: T "
                      f"{fitted['temperature_out_of_fold']:.3f} out of fold x "
                      f"{fitted['refit_logit_scale']:.3f}, how much wider the refit's logits "
-                     "spread than the fold models' on the same photos")
+                     "spread than the fold probes' on the same photos")
     return lines
 
 

@@ -185,7 +185,7 @@ def test_a_refit_probe_gets_the_out_of_fold_temperature_scaled_to_its_logits(run
     card = (out / "report" / "MODEL_CARD.md").read_text()
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     if chosen == "finetune":  # a fine-tuned refit keeps the out-of-fold T
-        assert "refit_logit_scale" not in fitted and "carried to the model refit" not in card
+        assert "refit_logit_scale" not in fitted and "carried to the probe refit" not in card
         assert "ece_at_temperature_out_of_fold" not in metrics["calibration"]
         assert contract.temperature == fitted["temperature"]
         return
