@@ -758,8 +758,8 @@ def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainCo
     else:
         calibration = calibration_report(logits, labels, fitted_on)
         fold_spreads = [fold["probe_logit_spread"] for fold in selection.folds
-                        if "probe_logit_spread" in fold]
-        if selection.mode == "cv" and name == "probe" and fold_spreads:
+                        if "probe_logit_spread" in fold]  # none in val mode
+        if fold_spreads and selection.summary["chosen"] == "probe":
             # The refit probe trains 1.5x the fold probes' steps and is sharper than they are
             # (trainer.calibration.carry_to_refit). A fine-tuned model fits the photos it
             # trained on far more tightly than a linear head does, so its spread on photos the

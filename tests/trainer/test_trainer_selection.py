@@ -170,25 +170,21 @@ def test_report_says_what_was_chosen_and_why(cv_run):
     assert "| fold | held-out photos | probe acc | fine-tuned acc |" in card
 
 
-@pytest.mark.parametrize("run", ["cv_run_probe_wins", "cv_run"])
-def test_a_refit_probe_gets_the_out_of_fold_temperature_scaled_to_its_logits(run, request):
-    out = request.getfixturevalue(run)
-    out = out[0] if isinstance(out, tuple) else out
+def out_of_fold_temperature(selection: dict) -> float:
+    chosen = selection["summary"]["chosen"]
+    return fit_temperature(np.asarray(selection["oof"]["logits"][chosen]),
+                           np.asarray(selection["oof"]["labels"]))
+
+
+def test_a_refit_probe_gets_the_out_of_fold_temperature_scaled_to_its_logits(
+        cv_run_probe_wins):
+    out = cv_run_probe_wins
     model, contract, checkpoint = load_trained(out)
     fitted = checkpoint["calibration"]
     selection = json.loads(RunDir(out).selection.read_text())
-    chosen = selection["summary"]["chosen"]
-    assert chosen == ("probe" if run == "cv_run_probe_wins" else "finetune")
-    assert fitted["temperature_out_of_fold" if chosen == "probe" else "temperature"] == \
-        pytest.approx(fit_temperature(np.asarray(selection["oof"]["logits"][chosen]),
-                                      np.asarray(selection["oof"]["labels"])), abs=1e-4)
-    card = (out / "report" / "MODEL_CARD.md").read_text()
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
-    if chosen == "finetune":  # a fine-tuned refit keeps the out-of-fold T
-        assert "refit_logit_scale" not in fitted and "carried to the probe refit" not in card
-        assert "ece_at_temperature_out_of_fold" not in metrics["calibration"]
-        assert contract.temperature == fitted["temperature"]
-        return
+    assert selection["summary"]["chosen"] == "probe"
+    assert fitted["temperature_out_of_fold"] == pytest.approx(out_of_fold_temperature(selection),
+                                                              abs=1e-4)
     photos = np.stack([load_and_preprocess(Path(p).read_bytes(), contract)
                        for p in selection["oof"]["paths"]])  # train+val, what the refit saw
     with torch.no_grad():
@@ -198,10 +194,26 @@ def test_a_refit_probe_gets_the_out_of_fold_temperature_scaled_to_its_logits(run
     assert fitted["refit_logit_scale"] == pytest.approx(ratio, rel=1e-3)
     assert contract.temperature == pytest.approx(fitted["temperature_out_of_fold"] * ratio,
                                                  rel=1e-3)
+    card = (out / "report" / "MODEL_CARD.md").read_text()
     assert f"T {fitted['temperature_out_of_fold']:.3f} out of fold x {ratio:.3f}" in card
     # The evaluation reports the ECE with the uncarried T beside it (here on the same photos).
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["calibration"]["ece_at_temperature_out_of_fold"] == pytest.approx(
         fitted["ece_after"], abs=1e-4)
+
+
+def test_a_fine_tuned_refit_keeps_the_out_of_fold_temperature(cv_run):
+    out, _ = cv_run
+    _, contract, checkpoint = load_trained(out)
+    fitted = checkpoint["calibration"]
+    selection = json.loads(RunDir(out).selection.read_text())
+    assert selection["summary"]["chosen"] == "finetune"
+    assert contract.temperature == fitted["temperature"] == pytest.approx(
+        out_of_fold_temperature(selection), abs=1e-4)
+    assert "refit_logit_scale" not in fitted and "temperature_out_of_fold" not in fitted
+    assert "carried to the probe refit" not in (out / "report" / "MODEL_CARD.md").read_text()
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert "ece_at_temperature_out_of_fold" not in metrics["calibration"]
 
 
 def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
