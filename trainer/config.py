@@ -104,6 +104,10 @@ class TrainConfig(BaseModel):
     cv_max_images: int = Field(2000, ge=10, description=(
         "'auto' cross-validates only up to this many train+val photos (cost: folds + 1 "
         "trainings)"))
+    cv_confidence: float = Field(0.95, ge=0.5, lt=1, description=(
+        "with cross-validation: how sure it must be that the probe (or the WiSE-FT average) "
+        "beats fine-tuning before it is exported instead: the share of bootstrap resamples of "
+        "the out-of-fold photos in which its macro-F1 is higher; 0.5 = whichever scores higher"))
     wise_alpha: float | None = Field(None, gt=0, lt=1, description=(
         "with cross-validation: also score the fine-tuned weights averaged with the head "
         "phase's, (1 - a) x (ImageNet backbone + probe head) + a x fine-tuned (WiSE-FT, "

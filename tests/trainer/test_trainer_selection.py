@@ -244,33 +244,57 @@ def test_average_weights_interpolates_floats_and_keeps_counters():
     assert int(average_weights(start, tuned, 0.5)["bn.num_batches_tracked"]) == 7
 
 
-def _oof(correct: dict[str, int], total: int = 10) -> tuple[dict, np.ndarray]:
-    """Out-of-fold logits for 2 labels where each candidate gets `correct[name]` photos right."""
+def _decide(right: dict[str, tuple[int, int]], total: int) -> Selection:
+    """Cross-validation's decision on out-of-fold logits for 2 labels where each candidate gets
+    photos [first, last) right and the others wrong."""
     labels = np.array([0, 1] * (total // 2))
-    oof = {}
-    for name, right in correct.items():
-        predicted = np.where(np.arange(total) < right, labels, 1 - labels)
-        oof[name] = np.eye(2)[predicted]
-    return oof, labels
+    photo = np.arange(total)
+    oof = {name: np.eye(2)[np.where((first <= photo) & (photo < last), labels, 1 - labels)]
+           for name, (first, last) in right.items()}
+    return decide(Selection("cv", "test"), [], oof, labels,
+                  [type("S", (), {"path": f"{i}.jpg"}) for i in range(total)], 2,
+                  0.5 if "wise" in right else None)
 
 
-@pytest.mark.parametrize("correct, chosen", [
-    ({"probe": 7, "wise": 9, "finetune": 8}, "wise"),
-    ({"probe": 7, "wise": 8, "finetune": 8}, "wise"),      # tie: the simpler average
-    ({"probe": 8, "wise": 8, "finetune": 8}, "probe"),     # tie: the probe
-    ({"probe": 7, "wise": 8, "finetune": 9}, "finetune"),
-    ({"probe": 7, "finetune": 9}, "finetune"),             # without --wise-alpha
+@pytest.mark.parametrize("right, total, chosen", [
+    ({"probe": (0, 170), "finetune": (0, 200)}, 240, "finetune"),
+    ({"probe": (0, 240), "finetune": (0, 100)}, 240, "probe"),        # no resample undoes it
+    ({"probe": (0, 140), "wise": (0, 230), "finetune": (0, 200)}, 240, "wise"),
+    # 3 photos ahead, on 20 photos only the probe gets right and 17 only fine-tuning does
+    ({"probe": (0, 203), "finetune": (20, 220)}, 240, "finetune"),
+    ({"probe": (0, 200), "finetune": (40, 240)}, 240, "finetune"),    # a tie
+    ({"probe": (0, 200), "wise": (0, 203), "finetune": (20, 220)}, 240, "finetune"),
+    ({"probe": (0, 8), "finetune": (3, 10)}, 10, "finetune"),
 ])
-def test_cross_validation_picks_the_best_candidate_and_ties_go_to_the_simpler(correct, chosen):
-    oof, labels = _oof(correct)
-    alpha = 0.5 if "wise" in correct else None
-    picked = decide(Selection("cv", "test"), [], oof, labels,
-                    [type("S", (), {"path": f"{i}.jpg"}) for i in range(len(labels))], 2, alpha)
+def test_cross_validation_exports_a_simpler_candidate_only_with_a_lead_beyond_noise(
+        right, total, chosen):
+    picked = _decide(right, total)
     assert picked.summary["chosen"] == chosen
     assert picked.finetune == (chosen != "probe")
     assert picked.wise_alpha == (0.5 if chosen == "wise" else None)
-    for name in correct:
-        assert picked.summary[name]["acc"] == correct[name] / 10
+    correct = {name: last - first for name, (first, last) in right.items()}
+    for name in right:
+        assert picked.summary[name]["acc"] == pytest.approx(correct[name] / total, abs=1e-4)
+    leader = max(correct, key=lambda name: (correct[name], name != "finetune"))
+    if leader == "finetune":
+        assert "resampled" not in picked.summary
+    else:  # how often the leader beat fine-tuning over the resamples, and what that decided
+        won = picked.summary["resampled"]["won"]
+        assert (won >= 0.95) == (chosen == leader)
+        assert f"{won:.0%} of 2000 resamples" in picked.summary["why"]
+
+
+def test_the_resampled_macro_f1_is_sklearns_on_each_resample():
+    from sklearn.metrics import f1_score
+
+    from trainer.train import macro_f1_resampled
+
+    rng = np.random.default_rng(1)
+    labels, predicted = rng.integers(0, 4, 60), rng.integers(0, 4, 60)
+    resamples = rng.integers(0, 60, (25, 60))
+    expected = [f1_score(labels[r], predicted[r], average="macro", labels=[0, 1, 2, 3],
+                         zero_division=0) for r in resamples]
+    np.testing.assert_allclose(macro_f1_resampled(labels, predicted, resamples, 4), expected)
 
 
 @pytest.fixture(scope="module")
