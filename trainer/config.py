@@ -112,7 +112,7 @@ class TrainConfig(BaseModel):
         "with cross-validation: also score the fine-tuned weights averaged with the head "
         "phase's, (1 - a) x (ImageNet backbone + probe head) + a x fine-tuned (WiSE-FT, "
         "Wortsman et al. 2022; 0.5 is the usual a): one model, no serving cost, exported "
-        "when it wins out of fold; off by default"))
+        "when it wins out of fold beyond noise (cv_confidence); off by default"))
     calibrate: bool = Field(True, description=(
         "fit a temperature on validation (or out-of-fold) logits so scores are calibrated; "
         "stored in the contract, ECE before/after in the model card"))
