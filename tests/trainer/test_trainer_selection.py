@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from sklearn.metrics import f1_score
 
 from service.contract import load_and_preprocess
 from trainer.calibration import (
@@ -29,6 +30,7 @@ from trainer.train import (
     average_weights,
     average_with_head_phase,
     decide,
+    macro_f1_resampled,
     make_optimizer,
     make_schedule,
     plan_schedule,
@@ -285,10 +287,6 @@ def test_cross_validation_exports_a_simpler_candidate_only_with_a_lead_beyond_no
 
 
 def test_the_resampled_macro_f1_is_sklearns_on_each_resample():
-    from sklearn.metrics import f1_score
-
-    from trainer.train import macro_f1_resampled
-
     rng = np.random.default_rng(1)
     labels, predicted = rng.integers(0, 4, 60), rng.integers(0, 4, 60)
     resamples = rng.integers(0, 60, (25, 60))
