@@ -21,6 +21,7 @@ Printed side by side: accuracy, macro-F1, wall time, for the recipe and the prob
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -164,7 +165,10 @@ def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Cons
                 "heldout_images": scores["images"],
                 "heldout_ece_before": calibration["ece_uncalibrated"],
                 "heldout_ece_after": calibration["ece_calibrated"],
-                "heldout_ece_floor": calibration["ece_of_a_calibrated_model"]}
+                "heldout_ece_floor": calibration["ece_of_a_calibrated_model"],
+                "heldout_temperature_fitted_here": calibration["temperature_fitted_here"],
+                "heldout_predictions": str(out / f"report-{heldout.resolve().name}" /
+                                           "predictions.csv")}
         if "ece_at_temperature_out_of_fold" in calibration:  # a probe refit after cross-validation
             wide["heldout_ece_out_of_fold_t"] = calibration["ece_at_temperature_out_of_fold"]
     return {"recipe": recipe, "acc": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
@@ -214,9 +218,32 @@ def run_bench(bench: BenchTrain) -> dict:
             heldout = heldout if suite != "full" and heldout.is_dir() else None
             row = run_one(recipe, folder, out, bench, console, heldout)
             rows.append({"suite": suite, "dataset": name, "seed": seed, **row})
+            both = {r["recipe"]: r for r in rows if (r["dataset"], r["seed"]) == (name, seed)}
+            if heldout is not None and set(both) == set(RECIPES):
+                both["recipe"]["heldout_paired"] = paired(both["probe"]["heldout_predictions"],
+                                                          both["recipe"]["heldout_predictions"])
             write_report(bench, rows)
     print_tables(console, rows)
     return write_report(bench, rows)
+
+
+def paired(probe_csv: str, recipe_csv: str) -> dict:
+    """The held-out photos only one of the two models gets right, and McNemar's exact p for
+    "they are equally good": the gain's noise, photo for photo."""
+    from scipy.stats import binomtest
+
+    right = []
+    for path in (probe_csv, recipe_csv):
+        with open(path, newline="") as handle:
+            right.append({r["path"]: r["true"] == r["predicted"] for r in csv.DictReader(handle)})
+    if right[0].keys() != right[1].keys():
+        raise SystemExit(f"{probe_csv} and {recipe_csv} score different photos")
+    only_probe = sum(right[0][p] and not right[1][p] for p in right[0])
+    only_recipe = sum(right[1][p] and not right[0][p] for p in right[0])
+    p_value = (binomtest(only_probe, only_probe + only_recipe).pvalue
+               if only_probe + only_recipe else 1.0)
+    return {"only_probe_right": only_probe, "only_recipe_right": only_recipe,
+            "mcnemar_p": round(p_value, 6)}
 
 
 def comparisons(rows: list[dict]) -> dict:
@@ -277,7 +304,15 @@ def print_tables(console: Console, rows: list[dict]) -> None:
                           f"{r['heldout_ece_floor']:.4f}; goal <= 0.03)"
                           + (f"; {r['heldout_ece_out_of_fold_t']:.4f} with the out-of-fold T "
                              "not carried to the probe refit" if "heldout_ece_out_of_fold_t" in r
-                             else ""))
+                             else "")
+                          + f"; T {r['temperature']:.3f}, the held-out photos alone would fit "
+                            f"{r['heldout_temperature_fitted_here']:.3f}")
+            if "heldout_paired" in r:
+                pair = r["heldout_paired"]
+                console.print(f"{r['dataset']} seed {r['seed']}: of the held-out photos only the "
+                              f"probe gets {pair['only_probe_right']} right, only the recipe "
+                              f"{pair['only_recipe_right']} (McNemar p = "
+                              f"{pair['mcnemar_p']:.2g})")
     for r in rows:
         if r["dataset"] == "clothing-small" and r["recipe"] == "recipe":
             met = r["acc"] >= 0.94 and r["wall_s"] <= 900

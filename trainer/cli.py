@@ -32,8 +32,9 @@ class Train(TrainConfig):
 
 
 class Evaluate(BaseModel):
-    """Evaluate a run's best checkpoint: metrics, confusion matrix, curves, worst mistakes and
-    MODEL_CARD.md in RUN_DIR/report (through the service's own preprocessing)."""
+    """Evaluate a run's best checkpoint: metrics, per-photo predictions, confusion matrix,
+    curves, worst mistakes and MODEL_CARD.md in RUN_DIR/report (through the service's own
+    preprocessing)."""
 
     run_dir: CliPositionalArg[Path] = Field(description="run folder made by `trainer train`")
     data: Path | None = Field(None, description=(

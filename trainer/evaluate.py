@@ -6,6 +6,8 @@ service will show. Plots are PNGs because people would rather look than read.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -29,10 +31,11 @@ from service.contract import decode_image
 from trainer.calibration import (
     ece_of_a_calibrated_model,
     expected_calibration_error,
+    fit_temperature,
     probabilities,
 )
 from trainer.data import DataError, EvalImages, Sample, Skipped, discover
-from trainer.runs import RunDir, atomic_write_json, load_trained
+from trainer.runs import RunDir, atomic_write_bytes, atomic_write_json, load_trained
 
 
 def eval_samples(run: RunDir, labels: list[str], data: Path | None) -> tuple[list[Sample], str]:
@@ -98,6 +101,8 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
             "ece_uncalibrated": expected_calibration_error(probabilities(logits), truth),
             "ece_calibrated": expected_calibration_error(probs, truth),
             "ece_of_a_calibrated_model": ece_of_a_calibrated_model(probs),
+            # how far the contract's T is from the one these photos alone would choose
+            "temperature_fitted_here": fit_temperature(logits, truth),
             "fitted": fitted},
         "selection": {k: v for k, v in selection.items() if k != "oof"},
     }
@@ -113,6 +118,7 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "confusion_matrix.json", {"labels": labels, "rows_true_cols_predicted":
                                                       matrix.tolist()})
+    write_predictions(out / "predictions.csv", samples, truth, probs, labels)
     plot_confusion(matrix, labels, out / "confusion_matrix.png")
     for name, head in heads.get("metrics", {}).items():
         if head["confusion_matrix"]:
@@ -124,9 +130,22 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     plot_mistakes(mistakes, out / "worst_mistakes.png")
     write_model_card(run, out, contract, metrics, history, mistakes)
     print_table(console, metrics, labels)
-    console.print(f"report: {out}/ (metrics.json, confusion_matrix.png, curves.png, "
-                  "worst_mistakes.png, MODEL_CARD.md)")
+    console.print(f"report: {out}/ (metrics.json, predictions.csv, confusion_matrix.png, "
+                  "curves.png, worst_mistakes.png, MODEL_CARD.md)")
     return metrics
+
+
+def write_predictions(path: Path, samples: list[Sample], truth: np.ndarray, probs: np.ndarray,
+                      labels: list[str]) -> None:
+    """One row per photo (path, true label, predicted label, calibrated score): what two runs
+    are compared on photo by photo."""
+    text = io.StringIO()
+    rows = csv.writer(text)
+    rows.writerow(["path", "true", "predicted", "score"])
+    for sample, true, row in zip(samples, truth, probs):
+        rows.writerow([sample.path, labels[true], labels[row.argmax()], f"{row.max():.4f}"])
+    data = text.getvalue().encode()
+    atomic_write_bytes(path, lambda handle: handle.write(data))
 
 
 def print_table(console: Console, metrics: dict, labels: list[str]) -> None:
@@ -249,6 +268,9 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
              + (f" (a perfectly calibrated model with these scores would show about "
                 f"{calibration['ece_of_a_calibrated_model']:.4f} on this many photos, by "
                 "chance alone)" if "ece_of_a_calibrated_model" in calibration else ""))]
+    if "temperature_fitted_here" in calibration:
+        lines.append(f"- the T these photos alone would fit: "
+                     f"{calibration['temperature_fitted_here']:.3f}")
     if "ece_before" in fitted:
         lines.append(f"- on the photos T was fitted on ({fitted['images']}): ECE "
                      f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}, NLL "

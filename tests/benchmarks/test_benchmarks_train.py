@@ -5,6 +5,7 @@ catalogue), and a tiny probe is scored on both test sets."""
 
 from __future__ import annotations
 
+import csv
 import io
 
 from rich.console import Console
@@ -17,6 +18,7 @@ from benchmarks.bench_train import (
     heldout_folder,
     make_demo,
     make_subset,
+    paired,
     print_tables,
     run_one,
 )
@@ -80,8 +82,28 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     assert row["heldout_images"] == len(_photos(heldout_folder(subset))) > row["images"]
     assert 0 <= row["heldout_acc"] <= 1 and 0 <= row["heldout_macro_f1"] <= 1
     assert 0 <= row["heldout_ece_after"] <= 1 and 0 <= row["heldout_ece_floor"] <= 1
+    assert row["heldout_temperature_fitted_here"] > 0
+    with open(row["heldout_predictions"], newline="") as handle:
+        predictions = list(csv.DictReader(handle))
+    assert len(predictions) == row["heldout_images"]
+    assert sum(r["true"] == r["predicted"] for r in predictions) == round(
+        row["heldout_acc"] * row["heldout_images"])
+
+    # Photo by photo against a second, weaker probe (one head epoch) on the same photos.
+    weaker = run_one("probe", subset, tmp_path / "runs" / "weaker",
+                     bench.model_copy(update={"overrides": {**bench.overrides, "head_epochs": 1}}),
+                     Console(file=io.StringIO()), heldout_folder(subset))
+    pair = paired(row["heldout_predictions"], weaker["heldout_predictions"])
+    assert pair["only_probe_right"] + pair["only_recipe_right"] > 0
+    assert pair["only_recipe_right"] - pair["only_probe_right"] == round(
+        (weaker["heldout_acc"] - row["heldout_acc"]) * row["heldout_images"])
+    assert 0 < pair["mcnemar_p"] <= 1
+    assert paired(row["heldout_predictions"], row["heldout_predictions"]) == {
+        "only_probe_right": 0, "only_recipe_right": 0, "mcnemar_p": 1.0}
+
     rows = [{"dataset": "3x80", "seed": 0, **row},
-            {"dataset": "3x80", "seed": 0, **row, "recipe": "recipe", "heldout_acc": 1.0}]
+            {"dataset": "3x80", "seed": 0, **row, "recipe": "recipe", "heldout_acc": 1.0,
+             "heldout_paired": pair}]
     gains = comparisons(rows)["3x80"]
     assert gains["gain_acc"] == [0.0]
     assert gains["gain_heldout_acc"] == [1.0 - row["heldout_acc"]]
@@ -94,3 +116,5 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     assert "on held-out photos" in verdicts[1]
     assert verdicts[1].endswith("met" if 1.0 - row["heldout_acc"] >= 0.02 else "missed")
     assert sum(line.startswith("3x80 seed 0: ECE on") for line in lines) == 1
+    assert (f"only the probe gets {pair['only_probe_right']} right, only the recipe "
+            f"{pair['only_recipe_right']}") in printed.getvalue()

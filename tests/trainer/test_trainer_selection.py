@@ -232,6 +232,10 @@ def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
         assert metrics["calibration"]["temperature"] == contract.temperature
         floor = metrics["calibration"]["ece_of_a_calibrated_model"]
         assert 0 < floor < 1 and f"would show about {floor:.4f}" in card
+        # evaluated on the photos T was fitted on (validation; out of fold): the same T again
+        here = metrics["calibration"]["temperature_fitted_here"]
+        assert here == pytest.approx(contract.temperature, abs=2e-3)
+        assert f"the T these photos alone would fit: {here:.3f}" in card
     assert load_checkpoint(RunDir(tiny_run).best)["selection"]["mode"] == "val"
 
 
