@@ -243,7 +243,7 @@ def paired(probe_csv: str, recipe_csv: str) -> dict:
     p_value = (binomtest(only_probe, only_probe + only_recipe).pvalue
                if only_probe + only_recipe else 1.0)
     return {"only_probe_right": only_probe, "only_recipe_right": only_recipe,
-            "mcnemar_p": round(p_value, 6)}
+            "mcnemar_p": float(f"{p_value:.3g}")}
 
 
 def comparisons(rows: list[dict]) -> dict:
