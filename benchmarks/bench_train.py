@@ -167,6 +167,7 @@ def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Cons
                 "heldout_ece_after": calibration["ece_calibrated"],
                 "heldout_ece_floor": calibration["ece_of_a_calibrated_model"],
                 "heldout_temperature_fitted_here": calibration["temperature_fitted_here"],
+                "heldout_ece_at_t_fitted_here": calibration["ece_at_temperature_fitted_here"],
                 "heldout_predictions": str(out / f"report-{heldout.resolve().name}" /
                                            "predictions.csv")}
         if "ece_at_temperature_out_of_fold" in calibration:  # a probe refit after cross-validation
@@ -306,7 +307,8 @@ def print_tables(console: Console, rows: list[dict]) -> None:
                              "not carried to the probe refit" if "heldout_ece_out_of_fold_t" in r
                              else "")
                           + f"; T {r['temperature']:.3f}, the held-out photos alone would fit "
-                            f"{r['heldout_temperature_fitted_here']:.3f}")
+                            f"{r['heldout_temperature_fitted_here']:.3f} (ECE "
+                            f"{r['heldout_ece_at_t_fitted_here']:.4f} at it)")
             if "heldout_paired" in r:
                 pair = r["heldout_paired"]
                 console.print(f"{r['dataset']} seed {r['seed']}: of the held-out photos only the "

@@ -101,11 +101,15 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
             "ece_uncalibrated": expected_calibration_error(probabilities(logits), truth),
             "ece_calibrated": expected_calibration_error(probs, truth),
             "ece_of_a_calibrated_model": ece_of_a_calibrated_model(probs),
-            # how far the contract's T is from the one these photos alone would choose
-            "temperature_fitted_here": fit_temperature(logits, truth),
             "fitted": fitted},
         "selection": {k: v for k, v in selection.items() if k != "oof"},
     }
+    # How far the contract's T is from the one these photos alone would choose, and what that
+    # T would leave: ECE above the floor that no temperature removes.
+    here = fit_temperature(logits, truth)
+    metrics["calibration"] |= {"temperature_fitted_here": here,
+                               "ece_at_temperature_fitted_here": expected_calibration_error(
+                                   probabilities(logits, here), truth)}
     if "temperature_out_of_fold" in fitted:  # what the carry to the refit changed, here
         metrics["calibration"]["ece_at_temperature_out_of_fold"] = expected_calibration_error(
             probabilities(logits, fitted["temperature_out_of_fold"]), truth)
@@ -270,7 +274,8 @@ def calibration_lines(calibration: dict, evaluated_on: str) -> list[str]:
                 "chance alone)" if "ece_of_a_calibrated_model" in calibration else ""))]
     if "temperature_fitted_here" in calibration:
         lines.append(f"- the T these photos alone would fit: "
-                     f"{calibration['temperature_fitted_here']:.3f}")
+                     f"{calibration['temperature_fitted_here']:.3f} (ECE "
+                     f"{calibration['ece_at_temperature_fitted_here']:.4f} at it)")
     if "ece_before" in fitted:
         lines.append(f"- on the photos T was fitted on ({fitted['images']}): ECE "
                      f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}, NLL "

@@ -83,6 +83,7 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     assert 0 <= row["heldout_acc"] <= 1 and 0 <= row["heldout_macro_f1"] <= 1
     assert 0 <= row["heldout_ece_after"] <= 1 and 0 <= row["heldout_ece_floor"] <= 1
     assert row["heldout_temperature_fitted_here"] > 0
+    assert 0 <= row["heldout_ece_at_t_fitted_here"] <= 1
     with open(row["heldout_predictions"], newline="") as handle:
         predictions = list(csv.DictReader(handle))
     assert len(predictions) == row["heldout_images"]

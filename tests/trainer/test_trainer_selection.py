@@ -235,7 +235,9 @@ def test_temperature_is_fitted_and_carried_by_the_contract(cv_run, tiny_run):
         # evaluated on the photos T was fitted on (validation; out of fold): the same T again
         here = metrics["calibration"]["temperature_fitted_here"]
         assert here == pytest.approx(contract.temperature, abs=2e-3)
-        assert f"the T these photos alone would fit: {here:.3f}" in card
+        assert f"the T these photos alone would fit: {here:.3f} (ECE " in card
+        assert metrics["calibration"]["ece_at_temperature_fitted_here"] == pytest.approx(
+            metrics["calibration"]["ece_calibrated"], abs=0.01)
     assert load_checkpoint(RunDir(tiny_run).best)["selection"]["mode"] == "val"
 
 
