@@ -168,8 +168,7 @@ def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Cons
                 "heldout_ece_floor": calibration["ece_of_a_calibrated_model"],
                 "heldout_temperature_fitted_here": calibration["temperature_fitted_here"],
                 "heldout_ece_at_t_fitted_here": calibration["ece_at_temperature_fitted_here"],
-                "heldout_predictions": str(out / f"report-{heldout.resolve().name}" /
-                                           "predictions.csv")}
+                "heldout_predictions": scores["predictions_csv"]}
         if "ece_at_temperature_out_of_fold" in calibration:  # a probe refit after cross-validation
             wide["heldout_ece_out_of_fold_t"] = calibration["ece_at_temperature_out_of_fold"]
     return {"recipe": recipe, "acc": metrics["accuracy"], "macro_f1": metrics["macro_f1"],

@@ -119,10 +119,11 @@ def evaluate(run_dir: Path, data: Path | None = None, console: Console | None = 
     # Another data set gets its own folder, so the run's own report is never overwritten.
     out = run.report if data is None else run.root / f"report-{Path(data).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
+    metrics["predictions_csv"] = str(out / "predictions.csv")
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "confusion_matrix.json", {"labels": labels, "rows_true_cols_predicted":
                                                       matrix.tolist()})
-    write_predictions(out / "predictions.csv", samples, truth, probs, labels)
+    write_predictions(Path(metrics["predictions_csv"]), samples, truth, probs, labels)
     plot_confusion(matrix, labels, out / "confusion_matrix.png")
     for name, head in heads.get("metrics", {}).items():
         if head["confusion_matrix"]:
