@@ -623,12 +623,13 @@ def pooled(data: TrainData, config: TrainConfig, console: Console) -> TrainData:
 
 def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
                    device: torch.device, console: Console, run: RunDir,
-                   processes: Processes) -> Selection:
+                   processes: Processes) -> tuple[Selection, torch.Tensor]:
     """k stratified folds of train+val: on each, the linear probe and the fixed fine-tuning
     schedule (head phase, then the step budget) train on k-1 folds and predict the held-out
     one. Every photo is then predicted once by each candidate, by a model that never saw it:
     281 out-of-fold predictions instead of 32 validation ones. Folds already done (in
-    selection.json) are not redone on --resume."""
+    selection.json) are not redone on --resume. Returns the choice and the backbone features
+    of train+val (what a refit probe's head runs on)."""
     from sklearn.model_selection import StratifiedKFold
 
     done = json.loads(run.selection.read_text()) if run.selection.is_file() else {}
@@ -691,7 +692,7 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
         if processes.main:
             atomic_write_json(run.selection, {"mode": "cv", "folds": folds})
     return decide(selection, folds, oof, labels, evaluated.samples, num_classes,
-                  config.wise_alpha, config.cv_confidence)
+                  config.wise_alpha, config.cv_confidence), feats
 
 
 def macro_f1_resampled(labels: np.ndarray, predicted: np.ndarray, resamples: np.ndarray,
@@ -771,10 +772,11 @@ def average_with_head_phase(run: RunDir, alpha: float, console: Console) -> None
 # --- calibration and the final best.pt -------------------------------------------------------
 
 def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainConfig,
-             device: torch.device, console: Console) -> dict:
+             device: torch.device, console: Console,
+             pool_features: torch.Tensor | None = None) -> dict:
     """Fit the temperature (on validation logits of the best model, or on the winner's
     out-of-fold logits, carried to a refit probe) and write it into best.pt's contract with how
-    the model was chosen."""
+    the model was chosen. pool_features: cross-validation's backbone features of train+val."""
     checkpoint = load_checkpoint(run.best)
     model = build_model(config.arch, len(data.labels), weights="none")
     model.load_state_dict(checkpoint["model"])
@@ -799,12 +801,10 @@ def finalise(run: RunDir, selection: Selection, data: TrainData, config: TrainCo
             # (trainer.calibration.carry_to_refit). A fine-tuned model fits the photos it
             # trained on far more tightly than a linear head does, so its spread on photos the
             # refit saw and the folds partly did not says little about new photos: its T stays
-            # as fitted.
-            with progress_bar(console) as progress:
-                pool = EvalImages(data.train_set.samples, data.contract, Skipped(),
-                                  progress=progress, description="refit: train+val photos")
-            refit = predict(model, pool.tensor, config.eval_batch_size, device,
-                            config.channels_last).numpy()
+            # as fitted. The refit probe is the untouched backbone under a new head, so its
+            # logits on train+val are that head over the features cross-validation computed.
+            with torch.no_grad():
+                refit = model.eval().head(pool_features.to(device)).float().cpu().numpy()
             calibration = carry_to_refit(calibration, float(np.mean(fold_spreads)),
                                          logit_spread(refit))
     contract = ModelContract.model_validate(checkpoint["contract"]).model_copy(
@@ -843,10 +843,12 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     data = load_data(config, run, console, processes)
 
     selection = choose_selection(config, len(data.train_set), len(data.val_set))
+    pool_features = None
     console.print(f"model selection: {selection.mode}: {selection.reason}")
     if selection.mode == "cv":
         data = pooled(data, config, console)
-        selection = cross_validate(selection, data, config, device, console, run, processes)
+        selection, pool_features = cross_validate(selection, data, config, device, console,
+                                                  run, processes)
         console.print(f"[bold]chosen:[/] {selection.summary['why']}")
     plan = plan_schedule(config, len(data.train_set)) if selection.finetune else Plan(0, 1, 1)
     console.print(plan.describe(len(data.train_set)))
@@ -897,7 +899,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
 
     if selection.wise_alpha and processes.main:
         average_with_head_phase(run, selection.wise_alpha, console)
-    calibration = (finalise(run, selection, data, config, device, console)
+    calibration = (finalise(run, selection, data, config, device, console, pool_features)
                    if processes.main else {})
     distributed.stop()  # the other processes wait for rank 0's files
     best = state.best
