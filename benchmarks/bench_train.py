@@ -247,7 +247,9 @@ def paired(probe_csv: str, recipe_csv: str) -> dict:
 
 
 def comparisons(rows: list[dict]) -> dict:
-    """Per dataset name: recipe and probe figures over seeds, and the recipe's gain."""
+    """Per dataset name: recipe and probe figures over seeds, the recipe's gain, and the share
+    of the probe's errors the recipe removes (where the probe is near 1.0, a gain in points is
+    capped by how few errors are left to remove)."""
     out = {}
     for name in dict.fromkeys(r["dataset"] for r in rows):
         by = {recipe: [r for r in rows if r["dataset"] == name and r["recipe"] == recipe]
@@ -264,7 +266,10 @@ def comparisons(rows: list[dict]) -> dict:
                                         for recipe in RECIPES for m in measures}}
         for acc in accuracies:
             gains = [r - p for r, p in zip(out[name][f"recipe_{acc}"], out[name][f"probe_{acc}"])]
-            out[name] |= {f"gain_{acc}": gains, f"mean_gain_{acc}": statistics.mean(gains)}
+            removed = [(r - p) / (1 - p) if p < 1 else None
+                       for r, p in zip(out[name][f"recipe_{acc}"], out[name][f"probe_{acc}"])]
+            out[name] |= {f"gain_{acc}": gains, f"mean_gain_{acc}": statistics.mean(gains),
+                          f"errors_removed_{acc}": removed}
     return out
 
 
@@ -289,6 +294,11 @@ def print_tables(console: Console, rows: list[dict]) -> None:
                           f"{mean_spread(c['probe_heldout_acc'])} (macro-F1 "
                           f"{mean_spread(c['probe_heldout_macro_f1'])}); gain per seed "
                           + ", ".join(f"{g:+.4f}" for g in c["gain_heldout_acc"]))
+            removed = [r for r in c["errors_removed_heldout_acc"] if r is not None]
+            if removed:
+                console.print(f"{name}, held-out photos: share of the probe's errors the recipe "
+                              "removes per seed " + ", ".join(f"{r:.0%}" for r in removed)
+                              + f" (median {statistics.median(removed):.0%})")
         if name in SUBSETS:
             for acc, photos in (("acc", "test/"), ("heldout_acc", "held-out")):
                 if f"mean_gain_{acc}" in c:

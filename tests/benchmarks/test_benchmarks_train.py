@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 
+import pytest
 from rich.console import Console
 
 from benchmarks.bench_train import (
@@ -108,6 +109,12 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     gains = comparisons(rows)["3x80"]
     assert gains["gain_acc"] == [0.0]
     assert gains["gain_heldout_acc"] == [1.0 - row["heldout_acc"]]
+    assert gains["errors_removed_heldout_acc"] == [1.0]  # the recipe row gets every photo right
+    # The weaker probe as the recipe: the errors it removes, counted photo by photo.
+    probe_errors = round((1 - row["heldout_acc"]) * row["heldout_images"])
+    against_weaker = comparisons([rows[0], {**rows[0], **weaker, "recipe": "recipe"}])["3x80"]
+    assert against_weaker["errors_removed_heldout_acc"][0] == pytest.approx(
+        (pair["only_recipe_right"] - pair["only_probe_right"]) / probe_errors)
     printed = io.StringIO()
     print_tables(Console(file=printed, width=300), rows)
     lines = printed.getvalue().splitlines()
@@ -117,5 +124,7 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     assert "on held-out photos" in verdicts[1]
     assert verdicts[1].endswith("met" if 1.0 - row["heldout_acc"] >= 0.02 else "missed")
     assert sum(line.startswith("3x80 seed 0: ECE on") for line in lines) == 1
+    assert "share of the probe's errors the recipe removes per seed 100% (median 100%)" in (
+        printed.getvalue())
     assert (f"only the probe gets {pair['only_probe_right']} right, only the recipe "
             f"{pair['only_recipe_right']}") in printed.getvalue()
