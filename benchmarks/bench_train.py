@@ -265,9 +265,9 @@ def comparisons(rows: list[dict]) -> dict:
         out[name] = {"seeds": seeds, **{f"{recipe}_{m}": [pick[recipe][s][m] for s in seeds]
                                         for recipe in RECIPES for m in measures}}
         for acc in accuracies:
-            gains = [r - p for r, p in zip(out[name][f"recipe_{acc}"], out[name][f"probe_{acc}"])]
-            removed = [(r - p) / (1 - p) if p < 1 else None
-                       for r, p in zip(out[name][f"recipe_{acc}"], out[name][f"probe_{acc}"])]
+            pairs = list(zip(out[name][f"recipe_{acc}"], out[name][f"probe_{acc}"]))
+            gains = [r - p for r, p in pairs]
+            removed = [(r - p) / (1 - p) if p < 1 else None for r, p in pairs]
             out[name] |= {f"gain_{acc}": gains, f"mean_gain_{acc}": statistics.mean(gains),
                           f"errors_removed_{acc}": removed}
     return out
