@@ -517,17 +517,20 @@ def val_scores(model: Classifier, data: TrainData, config: TrainConfig,
 
 
 def head_phase(model: Classifier, data: TrainData, config: TrainConfig, device: torch.device,
-               console: Console) -> dict:
-    """Train the head on backbone features of the training photos computed once; the row
-    for history."""
-    if data.train_set.images is None:
-        raise TrainerError("the head phase needs cache_images=True (or --head-epochs 0)")
+               console: Console, feats: torch.Tensor | None = None) -> dict:
+    """Train the head on backbone features of the training photos computed once (or given:
+    a refit's are cross-validation's, the features its fold probes trained on); the row for
+    history."""
     t0 = time.perf_counter()
-    with progress_bar(console) as progress:
-        batches = EvalView(data.contract).batches(data.train_set.images, config.eval_batch_size)
-        feats = extract_features(model, batches, len(data.train_set), device,
-                                 config.channels_last, progress,
-                                 "head phase: backbone features of train")
+    if feats is None:
+        if data.train_set.images is None:
+            raise TrainerError("the head phase needs cache_images=True (or --head-epochs 0)")
+        with progress_bar(console) as progress:
+            batches = EvalView(data.contract).batches(data.train_set.images,
+                                                      config.eval_batch_size)
+            feats = extract_features(model, batches, len(data.train_set), device,
+                                     config.channels_last, progress,
+                                     "head phase: backbone features of train")
     train_head(model, feats, torch.tensor(data.train_set.labels), config, data.loss_weights,
                device)
     return {"epoch": 0, "phase": "head", "train_loss": None,
@@ -629,7 +632,7 @@ def cross_validate(selection: Selection, pool: TrainData, config: TrainConfig,
     one. Every photo is then predicted once by each candidate, by a model that never saw it:
     281 out-of-fold predictions instead of 32 validation ones. Folds already done (in
     selection.json) are not redone on --resume. Returns the choice and the backbone features
-    of train+val (what a refit probe's head runs on)."""
+    of train+val (what the refit's head phase trains on)."""
     from sklearn.model_selection import StratifiedKFold
 
     done = json.loads(run.selection.read_text()) if run.selection.is_file() else {}
@@ -863,7 +866,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     state = checkpointer.restore(model, optimizer, schedule, ema, plan)
 
     if config.head_epochs and not state.head_done:
-        row = head_phase(model, data, config, device, console)
+        # A refit trains its head on cross-validation's features of the same photos: the
+        # fold probes' procedure, on all of train+val, without a second backbone pass.
+        row = head_phase(model, data, config, device, console, pool_features)
         if ema is not None:
             ema.load_state_dict(model.state_dict())
         state.head_done = True

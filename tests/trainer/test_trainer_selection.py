@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from sklearn.metrics import f1_score
 
-from service.contract import load_and_preprocess
+from service.contract import ModelContract, load_and_preprocess
 from trainer.calibration import (
     calibration_report,
     carry_to_refit,
@@ -22,19 +22,24 @@ from trainer.calibration import (
     logit_spread,
     probabilities,
 )
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, load_config
 from trainer.evaluate import evaluate
 from trainer.runs import RunDir, load_checkpoint, load_trained
 from trainer.train import (
     Selection,
     average_weights,
     average_with_head_phase,
+    class_weights,
     decide,
+    extract_features,
     macro_f1_resampled,
     make_optimizer,
     make_schedule,
+    new_model,
     plan_schedule,
+    progress_bar,
     train,
+    train_head,
 )
 
 
@@ -202,6 +207,30 @@ def test_a_refit_probe_gets_the_out_of_fold_temperature_scaled_to_its_logits(
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["calibration"]["ece_at_temperature_out_of_fold"] == pytest.approx(
         fitted["ece_after"], abs=1e-4)
+
+
+def test_a_refit_head_is_the_fold_probes_procedure_on_all_of_train_and_val(cv_run_probe_wins):
+    """The refit's head phase trains on cross-validation's backbone features, the ones its
+    fold probes trained on (photos through the service's preprocessing), not on a second pass
+    over the training decode: recomputed here from the files, the same head comes out."""
+    out = cv_run_probe_wins
+    checkpoint = load_checkpoint(RunDir(out).best)
+    selection = json.loads(RunDir(out).selection.read_text())
+    run_config = load_config(out)
+    contract = ModelContract.model_validate(checkpoint["contract"])
+    labels = selection["oof"]["labels"]
+    photos = torch.from_numpy(np.stack([load_and_preprocess(Path(p).read_bytes(), contract)
+                                        for p in selection["oof"]["paths"]]))
+    model = new_model(run_config, len(contract.labels), torch.device("cpu"))
+    with progress_bar(Console(quiet=True)) as progress:
+        feats = extract_features(model, photos.split(run_config.eval_batch_size), len(photos),
+                                 torch.device("cpu"), run_config.channels_last, progress, "")
+    train_head(model, feats, torch.tensor(labels), run_config,
+               class_weights(run_config, labels, len(contract.labels)), torch.device("cpu"))
+    refit = {name: value for name, value in checkpoint["model"].items()
+             if name.startswith("head.")}
+    assert refit and all(torch.allclose(model.state_dict()[name], value, atol=1e-5)
+                         for name, value in refit.items())
 
 
 def test_a_fine_tuned_refit_keeps_the_out_of_fold_temperature(cv_run):
