@@ -17,6 +17,7 @@ Suites (each photo folder is built from symlinks under OUT/data, so every run is
            catalogue when clothing-small is here (held-out: 3,109 photos; the catalogue was
            drawn from it).
 Printed side by side: accuracy, macro-F1, wall time, for the recipe and the probe.
+`--before EARLIER_OUT` compares two finished runs (before and after a change) photo by photo.
 """
 
 from __future__ import annotations
@@ -72,10 +73,15 @@ class BenchTrain(BaseModel):
     compare_exporters: Path | None = Field(None, description=(
         "instead of training: export this run folder with both torch.onnx exporters and "
         "time the two graphs in ONNX Runtime, interleaved"))
+    before: Path | None = Field(None, description=(
+        "instead of training: compare the finished run in --out with this earlier one (an "
+        "--out folder), photo by photo on the held-out photos of every split both ran"))
 
     def cli_cmd(self) -> None:
         if self.compare_exporters:
             compare_exporters(self.compare_exporters)
+        elif self.before:
+            compare_runs(self.before, self.out)
         else:
             run_bench(self)
 
@@ -227,23 +233,70 @@ def run_bench(bench: BenchTrain) -> dict:
     return write_report(bench, rows)
 
 
-def paired(probe_csv: str, recipe_csv: str) -> dict:
+def paired(probe_csv: str, recipe_csv: str, names: tuple[str, str] = RECIPES) -> dict:
     """The held-out photos only one of the two models gets right, and McNemar's exact p for
-    "they are equally good": the gain's noise, photo for photo."""
-    from scipy.stats import binomtest
-
+    "they are equally good": the gain's noise, photo for photo. Photos are matched by their
+    path below the held-out folder (<label>/<file>), so two runs under different --out folders
+    that drew the same split compare too."""
     right = []
     for path in (probe_csv, recipe_csv):
         with open(path, newline="") as handle:
-            right.append({r["path"]: r["true"] == r["predicted"] for r in csv.DictReader(handle)})
+            right.append({Path(r["path"]).parent.name + "/" + Path(r["path"]).name:
+                          r["true"] == r["predicted"] for r in csv.DictReader(handle)})
     if right[0].keys() != right[1].keys():
         raise SystemExit(f"{probe_csv} and {recipe_csv} score different photos")
-    only_probe = sum(right[0][p] and not right[1][p] for p in right[0])
-    only_recipe = sum(right[1][p] and not right[0][p] for p in right[0])
-    p_value = (binomtest(only_probe, only_probe + only_recipe).pvalue
-               if only_probe + only_recipe else 1.0)
-    return {"only_probe_right": only_probe, "only_recipe_right": only_recipe,
-            "mcnemar_p": float(f"{p_value:.3g}")}
+    only = [sum(right[i][p] and not right[1 - i][p] for p in right[0]) for i in (0, 1)]
+    return {f"only_{names[0]}_right": only[0], f"only_{names[1]}_right": only[1],
+            "mcnemar_p": mcnemar_p(*only)}
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    from scipy.stats import binomtest
+
+    total = only_first + only_second
+    return float(f"{binomtest(only_first, total).pvalue:.3g}") if total else 1.0
+
+
+def compare_runs(before: Path, after: Path, console: Console | None = None) -> dict:
+    """Two finished benchmark runs (say, before and after a change to the recipe), photo by
+    photo: per split and recipe both ran, the held-out photos only one of them gets right,
+    and the same summed over splits."""
+    console = console or Console()
+    rows = {}
+    for which, folder in (("before", before), ("after", after)):
+        report = json.loads((Path(folder) / "bench.json").read_text())
+        rows[which] = {(r["dataset"], r["seed"], r["recipe"]): r for r in report["rows"]
+                       if "heldout_predictions" in r}
+    table = Table(title=f"held-out photos: {before} (before) vs {after} (after)")
+    for column in ("split", "recipe", "photos", "before", "after", "only before right",
+                   "only after right", "McNemar p"):
+        table.add_column(column, justify="left" if column in ("split", "recipe") else "right")
+    splits, totals = [], {}
+    for key in sorted(rows["before"].keys() & rows["after"].keys()):
+        old, new = rows["before"][key], rows["after"][key]
+        pair = paired(old["heldout_predictions"], new["heldout_predictions"],
+                      names=("before", "after"))
+        splits.append({"dataset": key[0], "seed": key[1], "recipe": key[2],
+                       "heldout_images": new["heldout_images"],
+                       "before_heldout_acc": old["heldout_acc"],
+                       "after_heldout_acc": new["heldout_acc"], **pair})
+        total = totals.setdefault(key[2], [0, 0])
+        total[0] += pair["only_before_right"]
+        total[1] += pair["only_after_right"]
+        table.add_row(f"{key[0]} seed {key[1]}", key[2], f"{new['heldout_images']:,}",
+                      f"{old['heldout_acc']:.4f}", f"{new['heldout_acc']:.4f}",
+                      str(pair["only_before_right"]), str(pair["only_after_right"]),
+                      f"{pair['mcnemar_p']:.2g}")
+    if not splits:
+        raise SystemExit(f"{before} and {after} share no split scored on held-out photos")
+    console.print(table)
+    summed = {recipe: {"only_before_right": b, "only_after_right": a, "mcnemar_p": mcnemar_p(b, a)}
+              for recipe, (b, a) in totals.items()}
+    for recipe, s in summed.items():
+        console.print(f"{recipe}, summed over the splits: only before right on "
+                      f"{s['only_before_right']} photos, only after on {s['only_after_right']} "
+                      f"(McNemar p = {s['mcnemar_p']:.2g})")
+    return {"splits": splits, "summed": summed}
 
 
 def comparisons(rows: list[dict]) -> dict:

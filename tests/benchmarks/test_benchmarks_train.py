@@ -15,6 +15,7 @@ from benchmarks.bench_train import (
     DEMO_CATALOG,
     SUBSET_VAL_PER_LABEL,
     BenchTrain,
+    compare_runs,
     comparisons,
     heldout_folder,
     make_demo,
@@ -22,6 +23,7 @@ from benchmarks.bench_train import (
     paired,
     print_tables,
     run_one,
+    write_report,
 )
 
 LABELS, PER_LABEL = 3, 8
@@ -91,10 +93,13 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     assert sum(r["true"] == r["predicted"] for r in predictions) == round(
         row["heldout_acc"] * row["heldout_images"])
 
-    # Photo by photo against a second, weaker probe (one head epoch) on the same photos.
-    weaker = run_one("probe", subset, tmp_path / "runs" / "weaker",
+    # Photo by photo against a second, weaker probe (one head epoch) on the same photos, drawn
+    # again by the same seed under another folder, as a later benchmark run would.
+    again = make_subset(clothing_small_shaped, tmp_path / "later" / "3x8-seed0",
+                        LABELS, PER_LABEL, seed=0)
+    weaker = run_one("probe", again, tmp_path / "runs" / "weaker",
                      bench.model_copy(update={"overrides": {**bench.overrides, "head_epochs": 1}}),
-                     Console(file=io.StringIO()), heldout_folder(subset))
+                     Console(file=io.StringIO()), heldout_folder(again))
     pair = paired(row["heldout_predictions"], weaker["heldout_predictions"])
     assert pair["only_probe_right"] + pair["only_recipe_right"] > 0
     assert pair["only_recipe_right"] - pair["only_probe_right"] == round(
@@ -128,3 +133,23 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
         printed.getvalue())
     assert (f"only the probe gets {pair['only_probe_right']} right, only the recipe "
             f"{pair['only_recipe_right']}") in printed.getvalue()
+
+    # Two finished benchmark runs, before and after a change, compared split by split.
+    for name, probe in (("before", row), ("after", weaker)):
+        write_report(BenchTrain(out=tmp_path / name), [{"dataset": "3x80", "seed": 0, **probe}])
+    printed = io.StringIO()
+    compared = compare_runs(tmp_path / "before", tmp_path / "after",
+                            Console(file=printed, width=300))
+    [split] = compared["splits"]
+    assert (split["only_before_right"], split["only_after_right"], split["mcnemar_p"]) == (
+        pair["only_probe_right"], pair["only_recipe_right"], pair["mcnemar_p"])
+    assert compared["summed"] == {"probe": {k: split[k] for k in (
+        "only_before_right", "only_after_right", "mcnemar_p")}}
+    assert (f"only before right on {pair['only_probe_right']} photos, only after on "
+            f"{pair['only_recipe_right']}") in printed.getvalue()
+    # A run that scored other photos is refused, not matched in part.
+    with open(weaker["heldout_predictions"]) as handle:
+        fewer = handle.readlines()[:-1]
+    (tmp_path / "fewer.csv").write_text("".join(fewer))
+    with pytest.raises(SystemExit, match="score different photos"):
+        paired(row["heldout_predictions"], str(tmp_path / "fewer.csv"))
