@@ -233,18 +233,18 @@ def run_bench(bench: BenchTrain) -> dict:
     return write_report(bench, rows)
 
 
-def paired(probe_csv: str, recipe_csv: str, names: tuple[str, str] = RECIPES) -> dict:
+def paired(first_csv: str, second_csv: str, names: tuple[str, str] = RECIPES) -> dict:
     """The held-out photos only one of the two models gets right, and McNemar's exact p for
     "they are equally good": the gain's noise, photo for photo. Photos are matched by their
     path below the held-out folder (<label>/<file>), so two runs under different --out folders
     that drew the same split compare too."""
     right = []
-    for path in (probe_csv, recipe_csv):
+    for path in (first_csv, second_csv):
         with open(path, newline="") as handle:
             right.append({Path(r["path"]).parent.name + "/" + Path(r["path"]).name:
                           r["true"] == r["predicted"] for r in csv.DictReader(handle)})
     if right[0].keys() != right[1].keys():
-        raise SystemExit(f"{probe_csv} and {recipe_csv} score different photos")
+        raise SystemExit(f"{first_csv} and {second_csv} score different photos")
     only = [sum(right[i][p] and not right[1 - i][p] for p in right[0]) for i in (0, 1)]
     return {f"only_{names[0]}_right": only[0], f"only_{names[1]}_right": only[1],
             "mcnemar_p": mcnemar_p(*only)}
