@@ -134,19 +134,23 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
     assert (f"only the probe gets {pair['only_probe_right']} right, only the recipe "
             f"{pair['only_recipe_right']}") in printed.getvalue()
 
-    # Two finished benchmark runs, before and after a change, compared split by split.
+    # Two finished benchmark runs, before and after a change, compared split by split (the
+    # same photos stand in for a second seed, so the sum over splits is twice one split).
     for name, probe in (("before", row), ("after", weaker)):
-        write_report(BenchTrain(out=tmp_path / name), [{"dataset": "3x80", "seed": 0, **probe}])
+        write_report(BenchTrain(out=tmp_path / name),
+                     [{"dataset": "3x80", "seed": seed, **probe} for seed in (0, 1)])
     printed = io.StringIO()
     compared = compare_runs(tmp_path / "before", tmp_path / "after",
                             Console(file=printed, width=300))
-    [split] = compared["splits"]
-    assert (split["only_before_right"], split["only_after_right"], split["mcnemar_p"]) == (
-        pair["only_probe_right"], pair["only_recipe_right"], pair["mcnemar_p"])
-    assert compared["summed"] == {"probe": {k: split[k] for k in (
-        "only_before_right", "only_after_right", "mcnemar_p")}}
-    assert (f"only before right on {pair['only_probe_right']} photos, only after on "
-            f"{pair['only_recipe_right']}") in printed.getvalue()
+    assert [(s["seed"], s["only_before_right"], s["only_after_right"], s["mcnemar_p"])
+            for s in compared["splits"]] == [
+        (seed, pair["only_probe_right"], pair["only_recipe_right"], pair["mcnemar_p"])
+        for seed in (0, 1)]
+    summed = compared["summed"]["probe"]
+    assert (summed["only_before_right"], summed["only_after_right"]) == (
+        2 * pair["only_probe_right"], 2 * pair["only_recipe_right"])
+    assert (f"only before right on {2 * pair['only_probe_right']} photos, only after on "
+            f"{2 * pair['only_recipe_right']}") in printed.getvalue()
     # A run that scored other photos is refused, not matched in part.
     with open(weaker["heldout_predictions"]) as handle:
         fewer = handle.readlines()[:-1]
