@@ -82,8 +82,10 @@ class TrainConfig(BaseModel):
         "transfer as they are, and not back-propagating through the high-resolution stages "
         "makes each step cheaper"))
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the linear head")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
-        "exponential moving average of weights (e.g. 0.998); 0 = off"))
+    ema_horizon: float = Field(0.0, ge=0, le=1, description=(
+        "validate and export an exponential moving average of the fine-tuned weights that "
+        "spans about this fraction of the fine-tuning steps (decay 1 - 1/(fraction x steps): "
+        "it follows the step budget, as warm-up and decay do); 0 = off"))
     patience: int = Field(3, ge=1, description=(
         "early stopping (selection 'val' only): evaluations without a better validation "
         "macro-F1"))

@@ -296,6 +296,13 @@ def seed_epoch(config: TrainConfig, epoch: int, processes: Processes) -> None:
     torch.manual_seed(config.seed * 1000 + epoch + 7919 * processes.rank)
 
 
+def ema_decay(config: TrainConfig, steps: int) -> float:
+    """Per-step decay of the weight average: it spans about ema_horizon of the steps, so a
+    200-step run and a 720-step one average the same share of their schedule (a fixed 0.995
+    would span all of the first and a quarter of the second)."""
+    return 1 - 1 / max(1.0, config.ema_horizon * steps)
+
+
 @torch.no_grad()
 def update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
     for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
@@ -307,8 +314,8 @@ def update_ema(ema: Classifier, model: Classifier, decay: float) -> None:
 
 def train_one_epoch(model: Classifier, loader: DataLoader, optimizer, schedule, config: TrainConfig,
                     device: torch.device, loss_weights: torch.Tensor | None, steps: int,
-                    ema: Classifier | None, progress: Progress, description: str,
-                    net: torch.nn.Module | None = None) -> dict:
+                    ema: Classifier | None, decay: float, progress: Progress,
+                    description: str, net: torch.nn.Module | None = None) -> dict:
     """At most `steps` optimizer steps over loader; returns the epoch's mean loss and speed.
     `net` runs the forward pass: model itself, or its DistributedDataParallel wrapper."""
     net = net or model
@@ -336,7 +343,7 @@ def train_one_epoch(model: Classifier, loader: DataLoader, optimizer, schedule, 
         optimizer.step()
         schedule.step()
         if ema is not None:
-            update_ema(ema, model, config.ema_decay)
+            update_ema(ema, model, decay)
         seen += len(labels)
         loss_sum += loss.item() * len(labels)
         progress.update(task, advance=1, info=f"loss {loss_sum / seen:.3f}  "
@@ -553,12 +560,16 @@ def fine_tune_fold(model: Classifier, train_set: TrainImages, plan: Plan, config
     schedule = make_schedule(optimizer, config, plan.steps)
     model.freeze_stages(config.frozen_stages)
     net = wrap(model, processes, device)
+    ema = copy.deepcopy(model).eval() if config.ema_horizon else None
     for epoch in range(plan.epochs):
         seed_epoch(config, epoch, processes)
         with progress_bar(console) as progress:
             train_one_epoch(model, train_loader(train_set, config, epoch, processes), optimizer,
-                            schedule, config, device, loss_weights, plan.steps_in(epoch), None,
-                            progress, f"{name}: epoch {epoch + 1}/{plan.epochs}", net)
+                            schedule, config, device, loss_weights, plan.steps_in(epoch), ema,
+                            ema_decay(config, plan.steps), progress,
+                            f"{name}: epoch {epoch + 1}/{plan.epochs}", net)
+    if ema is not None:  # the folds score what a refit exports: the average
+        model.load_state_dict(ema.state_dict())
 
 
 # --- model selection on a small validation split --------------------------------------------
@@ -859,7 +870,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     model = new_model(config, len(data.labels), device)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, plan.steps)
-    ema = copy.deepcopy(model).eval() if config.ema_decay else None
+    ema = copy.deepcopy(model).eval() if config.ema_horizon else None
     checkpointer = Checkpointer(run, config, data.contract, console,
                                 elapsed_before=time.perf_counter() - started,
                                 writes=processes.main)
@@ -891,7 +902,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             metrics = train_one_epoch(model, train_loader(data.train_set, config, epoch,
                                                           processes),
                                       optimizer, schedule, config, device, data.loss_weights,
-                                      plan.steps_in(epoch), ema, progress,
+                                      plan.steps_in(epoch), ema,
+                                      ema_decay(config, plan.steps), progress,
                                       f"epoch {epoch + 1}/{plan.epochs}", net)
         if not plan.evaluates_after(epoch):
             continue

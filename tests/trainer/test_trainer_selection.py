@@ -31,6 +31,7 @@ from trainer.train import (
     average_with_head_phase,
     class_weights,
     decide,
+    ema_decay,
     extract_features,
     macro_f1_resampled,
     make_optimizer,
@@ -375,3 +376,36 @@ def test_wise_ft_is_a_third_candidate_and_the_export_is_what_was_chosen(wise_run
                    for k, v in averaged.items())
     card = (out / "report" / "MODEL_CARD.md").read_text()
     assert "| WiSE-FT acc |" in card and selection["summary"]["why"] in card
+
+
+def test_the_weight_average_spans_a_fraction_of_the_step_budget(tmp_path):
+    for steps in (200, 720):
+        decay = ema_decay(config(tmp_path, ema_horizon=0.25), steps)
+        # after a quarter of the steps a weight from the start counts for 1/e of its share
+        assert decay ** (steps / 4) == pytest.approx(np.exp(-1), rel=0.02)
+    assert ema_decay(config(tmp_path, ema_horizon=0.001), 200) == 0.0  # never below one step
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_folder, tiny_train, tmp_path_factory):
+    """cv_run with the weight average on (--ema-horizon 0.5)."""
+    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
+                                                                "max_steps_per_epoch")}
+    out = tmp_path_factory.mktemp("ema") / "run"
+    train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, ema_horizon=0.5, **knobs))
+    return out
+
+
+def test_the_weight_average_is_what_folds_score_and_the_refit_exports(ema_run, cv_run):
+    plain = json.loads(RunDir(cv_run[0]).selection.read_text())["folds"]
+    averaged = json.loads(RunDir(ema_run).selection.read_text())["folds"]
+    for p, a in zip(plain, averaged, strict=True):  # the same photos, seeds and head
+        np.testing.assert_allclose(a["logits"]["probe"], p["logits"]["probe"], atol=1e-4)
+        assert not np.allclose(a["logits"]["finetune"], p["logits"]["finetune"], atol=1e-3)
+    run = RunDir(ema_run)
+    best, last = load_checkpoint(run.best), load_checkpoint(run.last)
+    assert json.loads(run.selection.read_text())["summary"]["chosen"] == "finetune"
+    assert all(torch.equal(best["model"][k], v) for k, v in last["ema"].items())
+    trained = [k for k, v in last["model"].items() if v.is_floating_point()
+               and not torch.equal(v, last["ema"][k])]
+    assert trained  # the raw fine-tuned weights are not what was exported
