@@ -65,7 +65,8 @@ def test_training_again_into_a_used_run_folder_needs_resume(tiny_run, tiny_folde
 
 def test_resume_continues_after_kill_9(tiny_folder, tiny_train, tmp_path):
     out = tmp_path / "killed"
-    knobs = dict(tiny_train, epochs=3, max_steps_per_epoch=3)
+    # With the weight average on: a resume must restore it too, not restart it from the model.
+    knobs = dict(tiny_train, epochs=3, max_steps_per_epoch=3, ema_horizon=0.5)
     command = [sys.executable, "-m", "trainer", "train", "--data", str(tiny_folder),
                "--out", str(out), *cli_args(**knobs)]
     env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="68719476736")
@@ -97,6 +98,15 @@ def test_resume_continues_after_kill_9(tiny_folder, tiny_train, tmp_path):
     assert [row["epoch"] for row in final] == [0, 1, 2, 3]  # each epoch exactly once
     assert final[:len(rows)] == rows                           # earlier epochs kept as they were
     assert (out / "report" / "MODEL_CARD.md").is_file()        # `train` evaluates at the end
+    from trainer.train import train
+
+    train(TrainConfig(data=tiny_folder, out=tmp_path / "whole", **knobs))
+    whole, resumed_last = (load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt"),
+                           load_checkpoint(out / "checkpoints" / "last.pt"))
+    for part in ("model", "ema"):  # the same weights as a run that was never killed
+        differ = [k for k, v in whole[part].items()
+                  if not torch.allclose(resumed_last[part][k].float(), v.float(), atol=1e-5)]
+        assert not differ, (part, differ[:5])
 
 
 def test_cli_explains_a_missing_data_folder(tmp_path):
