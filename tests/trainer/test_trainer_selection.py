@@ -125,26 +125,27 @@ def test_a_refit_twice_as_sharp_gets_twice_the_temperature():
                                probabilities(folds, 0.5), atol=1e-3)
 
 
+def train_cv(tiny_folder, tiny_train, folder: Path, evaluated: bool = True, **knobs):
+    """The default selection on the tiny set's validation split of 8 photos: 3-fold
+    cross-validation, 6 steps per training."""
+    tiny = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
+                                                              "max_steps_per_epoch")}
+    out = folder / "run"
+    result = train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, **tiny, **knobs))
+    if evaluated:
+        evaluate(out)
+    return out, result
+
+
 @pytest.fixture(scope="module")
 def cv_run(tiny_folder, tiny_train, tmp_path_factory):
-    """The default selection on a validation split of 8 photos: cross-validation."""
-    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
-                                                                "max_steps_per_epoch")}
-    out = tmp_path_factory.mktemp("cv") / "run"
-    result = train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, **knobs))
-    evaluate(out)
-    return out, result
+    return train_cv(tiny_folder, tiny_train, tmp_path_factory.mktemp("cv"))
 
 
 @pytest.fixture(scope="module")
 def cv_run_probe_wins(tiny_folder, tiny_train, tmp_path_factory):
     """cv_run with a learning rate that wrecks fine-tuning: the probe is chosen and refit."""
-    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
-                                                                "max_steps_per_epoch")}
-    out = tmp_path_factory.mktemp("cv-probe") / "run"
-    train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, lr=30.0, **knobs))
-    evaluate(out)
-    return out
+    return train_cv(tiny_folder, tiny_train, tmp_path_factory.mktemp("cv-probe"), lr=30.0)[0]
 
 
 def test_small_validation_is_cross_validated_against_the_probe(cv_run, tiny_folder):
@@ -334,13 +335,7 @@ def test_the_resampled_macro_f1_is_sklearns_on_each_resample():
 @pytest.fixture(scope="module")
 def wise_run(tiny_folder, tiny_train, tmp_path_factory):
     """Cross-validation with the WiSE-FT candidate (--wise-alpha 0.5)."""
-    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
-                                                                "max_steps_per_epoch")}
-    out = tmp_path_factory.mktemp("wise") / "run"
-    result = train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, wise_alpha=0.5,
-                               **knobs))
-    evaluate(out)
-    return out, result
+    return train_cv(tiny_folder, tiny_train, tmp_path_factory.mktemp("wise"), wise_alpha=0.5)
 
 
 def test_wise_ft_is_a_third_candidate_and_the_export_is_what_was_chosen(wise_run, tmp_path):
@@ -389,11 +384,8 @@ def test_the_weight_average_spans_a_fraction_of_the_step_budget(tmp_path):
 @pytest.fixture(scope="module")
 def ema_run(tiny_folder, tiny_train, tmp_path_factory):
     """cv_run with the weight average on (--ema-horizon 0.5)."""
-    knobs = {k: v for k, v in tiny_train.items() if k not in ("selection", "epochs",
-                                                                "max_steps_per_epoch")}
-    out = tmp_path_factory.mktemp("ema") / "run"
-    train(TrainConfig(data=tiny_folder, out=out, steps=6, cv_folds=3, ema_horizon=0.5, **knobs))
-    return out
+    return train_cv(tiny_folder, tiny_train, tmp_path_factory.mktemp("ema"), evaluated=False,
+                    ema_horizon=0.5)[0]
 
 
 def test_the_weight_average_is_what_folds_score_and_the_refit_exports(ema_run, cv_run):
