@@ -75,7 +75,8 @@ class BenchTrain(BaseModel):
         "time the two graphs in ONNX Runtime, interleaved"))
     before: Path | None = Field(None, description=(
         "instead of training: compare the finished run in --out with this earlier one (an "
-        "--out folder), photo by photo on the held-out photos of every split both ran"))
+        "--out folder), photo by photo on every split both ran: on its held-out photos, or "
+        "for the full suite on the validation photos it was scored on"))
 
     def cli_cmd(self) -> None:
         if self.compare_exporters:
@@ -178,7 +179,8 @@ def run_one(recipe: str, data: Path, out: Path, bench: BenchTrain, console: Cons
         if "ece_at_temperature_out_of_fold" in calibration:  # a probe refit after cross-validation
             wide["heldout_ece_out_of_fold_t"] = calibration["ece_at_temperature_out_of_fold"]
     return {"recipe": recipe, "acc": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            "images": metrics["images"], "evaluated_on": metrics["evaluated_on"], **wide,
+            "images": metrics["images"], "evaluated_on": metrics["evaluated_on"],
+            "predictions": metrics["predictions_csv"], **wide,
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "selection": result.selection.get("mode"), "chosen": summary.get("chosen"),
             "temperature": metrics["calibration"]["temperature"],
@@ -259,36 +261,41 @@ def mcnemar_p(only_first: int, only_second: int) -> float:
 
 def compare_runs(before: Path, after: Path, console: Console | None = None) -> dict:
     """Two finished benchmark runs (say, before and after a change to the recipe), photo by
-    photo: per split and recipe both ran, the held-out photos only one of them gets right,
-    and the same summed over splits."""
+    photo: per split and recipe both ran, the photos only one of them gets right, and the
+    same summed over splits. A split is compared on its held-out photos; one without them
+    (the full suite) on the photos it was scored on (test/, else validation)."""
     console = console or Console()
     rows = {}
     for which, folder in (("before", before), ("after", after)):
         report = json.loads((Path(folder) / "bench.json").read_text())
-        rows[which] = {(r["dataset"], r["seed"], r["recipe"]): r for r in report["rows"]
-                       if "heldout_predictions" in r}
-    table = Table(title=f"held-out photos: {before} (before) vs {after} (after)")
+        rows[which] = {(r["dataset"], r["seed"], r["recipe"]): r for r in report["rows"]}
+    table = Table(title=f"{before} (before) vs {after} (after), photo by photo")
     for column in ("split", "recipe", "photos", "before", "after", "only before right",
                    "only after right", "McNemar p"):
         table.add_column(column, justify="left" if column in ("split", "recipe") else "right")
     splits, totals = [], {}
     for key in sorted(rows["before"].keys() & rows["after"].keys()):
         old, new = rows["before"][key], rows["after"][key]
-        pair = paired(old["heldout_predictions"], new["heldout_predictions"],
+        scored = next((prefix for prefix in ("heldout_", "") if f"{prefix}predictions" in old
+                       and f"{prefix}predictions" in new), None)
+        if scored is None:  # a run from before predictions were recorded
+            continue
+        pair = paired(old[f"{scored}predictions"], new[f"{scored}predictions"],
                       names=("before", "after"))
+        images, acc = new[f"{scored}images"], (old[f"{scored}acc"], new[f"{scored}acc"])
         splits.append({"dataset": key[0], "seed": key[1], "recipe": key[2],
-                       "heldout_images": new["heldout_images"],
-                       "before_heldout_acc": old["heldout_acc"],
-                       "after_heldout_acc": new["heldout_acc"], **pair})
+                       "photos": "held-out" if scored else new["evaluated_on"],
+                       "images": images, "before_acc": acc[0], "after_acc": acc[1], **pair})
         total = totals.setdefault(key[2], [0, 0])
         total[0] += pair["only_before_right"]
         total[1] += pair["only_after_right"]
-        table.add_row(f"{key[0]} seed {key[1]}", key[2], f"{new['heldout_images']:,}",
-                      f"{old['heldout_acc']:.4f}", f"{new['heldout_acc']:.4f}",
+        table.add_row(f"{key[0]} seed {key[1]}", key[2],
+                      f"{images:,} {'held-out' if scored else 'scored'}",
+                      f"{acc[0]:.4f}", f"{acc[1]:.4f}",
                       str(pair["only_before_right"]), str(pair["only_after_right"]),
                       f"{pair['mcnemar_p']:.2g}")
     if not splits:
-        raise SystemExit(f"{before} and {after} share no split scored on held-out photos")
+        raise SystemExit(f"{before} and {after} share no split with predictions on record")
     console.print(table)
     summed = {recipe: {"only_before_right": b, "only_after_right": a, "mcnemar_p": mcnemar_p(b, a)}
               for recipe, (b, a) in totals.items()}

@@ -151,6 +151,17 @@ def test_a_tiny_probe_is_scored_on_test_and_on_the_held_out_photos(tmp_path,
         2 * pair["only_probe_right"], 2 * pair["only_recipe_right"])
     assert (f"only before right on {2 * pair['only_probe_right']} photos, only after on "
             f"{2 * pair['only_recipe_right']}") in printed.getvalue()
+    # A split without held-out photos (the full suite) compares on the photos it was scored on.
+    assert row["predictions"] != row["heldout_predictions"]
+    on_test = paired(row["predictions"], weaker["predictions"], names=("before", "after"))
+    for name, probe in (("before", row), ("after", weaker)):
+        write_report(BenchTrain(out=tmp_path / f"full-{name}"), [
+            {"dataset": "clothing-small", "seed": 0,
+             **{k: v for k, v in probe.items() if not k.startswith("heldout_")}}])
+    compared = compare_runs(tmp_path / "full-before", tmp_path / "full-after",
+                            Console(file=io.StringIO()))
+    assert [{k: s[k] for k in on_test} | {"images": s["images"]} for s in compared["splits"]] == [
+        on_test | {"images": row["images"]}]
     # A run that scored other photos is refused, not matched in part.
     with open(weaker["heldout_predictions"]) as handle:
         fewer = handle.readlines()[:-1]
