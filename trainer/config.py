@@ -6,6 +6,7 @@ reads it back, so a resumed run trains with exactly the knobs it started with.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -184,4 +185,9 @@ def load_config(run_dir: Path) -> TrainConfig:
     if not path.is_file():
         raise TrainerError(f"{path} does not exist: is {run_dir} a run folder made by "
                                 "`trainer train`?")
-    return TrainConfig.model_validate_json(path.read_text())
+    saved = json.loads(path.read_text())
+    if saved.get("ema_decay"):  # a knob renamed: resuming without it would drop the average
+        raise TrainerError(f"{run_dir} was started with --ema-decay {saved['ema_decay']}, which "
+                           "this version replaced by --ema-horizon (a fraction of the steps): "
+                           "resume it with the version that started it, or train it again")
+    return TrainConfig.model_validate(saved)

@@ -116,3 +116,15 @@ def test_cli_explains_a_missing_data_folder(tmp_path):
     assert result.returncode != 0
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"data folder {tmp_path / 'nowhere'} does not exist" in result.stderr
+
+
+def test_resuming_a_run_started_with_the_renamed_ema_decay_is_refused_clearly(tiny_run, tmp_path):
+    from trainer.config import load_config
+
+    saved = json.loads((tiny_run / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(saved | {"ema_decay": 0.995}))
+    with pytest.raises(TrainerError, match="--ema-decay 0.995, which this version replaced by "
+                                           "--ema-horizon"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(saved | {"ema_decay": 0.0}))
+    assert load_config(tmp_path).ema_horizon == 0  # off then, off now: nothing is lost
