@@ -87,7 +87,7 @@ class TrainConfig(BaseModel):
         "validate and export an exponential moving average of the fine-tuned weights that "
         "spans about this fraction of the fine-tuning steps (decay 1 - 1/(fraction x steps): "
         "it follows the step budget, as warm-up and decay do); 0 = off, the default: 0.25 "
-        "moved clothing-small by 1 photo of 341 and 3 x 80 by -5 of 4,463 (BENCHMARKS.md)"))
+        "gained 1 photo of 341 on clothing-small and lost 5 of 4,463 on 3 x 80 (BENCHMARKS.md)"))
     patience: int = Field(3, ge=1, description=(
         "early stopping (selection 'val' only): evaluations without a better validation "
         "macro-F1"))
